@@ -1,0 +1,339 @@
+"""The in-memory index and the match: which track, where in it, at what speed.
+
+The library's fingerprints are loaded once into a hash-addressed table (one
+sorted array and a bucket offset table), so a query costs a few array lookups
+and a vote, not a database round trip per hash. A match is then verified:
+the matched pairs must lie on one straight line (query time -> track time,
+whose slope is the playback speed) *and* be shifted in pitch by the same
+speed. Random coincidences do neither, which is what lets us say "don't know"
+instead of naming a wrong track.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from . import fingerprint as fp
+
+# Speed hypotheses: a belt drive a few percent off, then the 33 1/3 <-> 45 mix-up.
+HYPOTHESIS_STEP = 0.015
+NORMAL_SPEEDS = (0.97, 0.985, 1.0, 1.015, 1.03)
+RPM_33, RPM_45 = 100.0 / 3.0, 45.0
+RPM_SPEEDS = tuple(r * s for r in (RPM_45 / RPM_33, RPM_33 / RPM_45) for s in (0.985, 1.0, 1.015))
+
+# How far a query peak may sit from where the library put it.
+JITTER_P = 0.3  # log bins
+JITTER_DP = 0.3  # log bins
+JITTER_T = 0.4  # frames
+
+VOTE_BIN = 8  # frames of offset per vote bin (drift within a hypothesis step fits)
+INLIER_FRAMES = 1.5  # residual from the fitted line that still counts
+
+# Decision: a match needs this many consistent pairs and this lead over the
+# best other track; below, the answer is "don't know".
+MIN_INLIERS = 14
+RPM_MIN_INLIERS = 21  # the 33/45 search tries more hypotheses: more chances to fool it
+MIN_LEAD = 2.0
+MAX_TIME_SE = 0.02  # a real match pins the speed down; chance alignments do not
+PITCH_ROUNDING = 0.01  # relative speed error of a pitch rounded to the nearest log bin
+
+
+@dataclass(frozen=True)
+class Match:
+    """The answer for one clip; ``track_id`` is None when nothing matched."""
+
+    track_id: int | None
+    offset_s: float  # where in the track the clip starts
+    speed: float  # measured playback speed (1.008 = 0.8 % fast)
+    confidence: float  # 0..1
+    score: int  # consistent pairs
+    runner_up: int  # consistent pairs of the best other track
+    query_pairs: int
+    elapsed_ms: float
+
+    @property
+    def matched(self) -> bool:
+        return self.track_id is not None
+
+    @property
+    def rpm_mistake(self) -> str | None:
+        """'33 at 45' or '45 at 33' when the speed says the wrong rpm was chosen."""
+        if self.track_id is None:
+            return None
+        if abs(self.speed / (RPM_45 / RPM_33) - 1) < 0.05:
+            return "33 at 45"
+        if abs(self.speed / (RPM_33 / RPM_45) - 1) < 0.05:
+            return "45 at 33"
+        return None
+
+
+class Index:
+    """Hash table over the fingerprints of many tracks, 8 bytes an entry.
+
+    All tracks sit on one global frame axis (each starts where the previous
+    one ended, plus a gap), so an entry is just (hash, global frame) and the
+    track is found by bisecting the track starts.
+    """
+
+    GAP_FRAMES = 64  # between tracks, so no vote window spans two of them
+
+    def __init__(self, track_ids: Sequence[int], prints: Sequence[fp.TrackPrints]):
+        lengths = [int(p.times.max()) + 1 if len(p.times) else 0 for p in prints]
+        starts = np.zeros(len(prints), dtype=np.int64)
+        if prints:
+            np.cumsum(np.asarray(lengths[:-1], dtype=np.int64) + self.GAP_FRAMES, out=starts[1:])
+        if prints:
+            hashes = np.concatenate([p.hashes for p in prints])
+            pos = np.concatenate([p.times.astype(np.int64) + s for p, s in zip(prints, starts)])
+        else:
+            hashes, pos = np.zeros(0, np.uint32), np.zeros(0, np.int64)
+        order = np.argsort(hashes, kind="stable")
+        self._build(track_ids, [p.duration_s for p in prints], starts, hashes[order], pos[order])
+
+    @classmethod
+    def from_sorted(cls, track_ids, durations, track_starts, hashes, positions) -> Index:
+        """An index from entries already sorted by hash (benchmarks build big ones)."""
+        self = cls.__new__(cls)
+        self._build(track_ids, durations, track_starts, hashes, positions)
+        return self
+
+    def _build(self, track_ids, durations, track_starts, hashes, positions) -> None:
+        if len(positions) and int(positions.max()) >= 1 << 32:
+            raise ValueError("library too large for 32-bit frame positions")
+        self.track_ids = np.asarray(track_ids, dtype=np.int64)
+        self.durations = np.asarray(durations, dtype=np.float64)
+        self.track_starts = np.asarray(track_starts, dtype=np.int64)
+        self.entry_hash = np.ascontiguousarray(hashes, dtype=np.uint32)
+        self.entry_pos = np.ascontiguousarray(positions, dtype=np.uint32)
+        # About four buckets per entry: short lists, a table a quarter of the size.
+        self.table_bits = int(np.clip(np.ceil(np.log2(max(len(hashes), 1))) + 2, 16, 30))
+        self.shift = np.uint32(32 - self.table_bits)
+        counts = np.bincount(self.entry_hash >> self.shift, minlength=1 << self.table_bits)
+        self.bucket_start = np.zeros((1 << self.table_bits) + 1, dtype=np.int64)
+        np.cumsum(counts, out=self.bucket_start[1:])
+
+    def __len__(self) -> int:
+        return len(self.track_ids)
+
+    @property
+    def entries(self) -> int:
+        return len(self.entry_pos)
+
+    @property
+    def nbytes(self) -> int:
+        return self.entry_hash.nbytes + self.entry_pos.nbytes + self.bucket_start.nbytes
+
+    def _lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(key index, entry index) for every stored entry with exactly that hash."""
+        bucket = (keys >> self.shift).astype(np.int64)
+        start = self.bucket_start[bucket]
+        count = self.bucket_start[bucket + 1] - start
+        total = int(count.sum())
+        key_idx = np.repeat(np.arange(len(keys)), count)
+        first = np.cumsum(count) - count
+        entry = np.arange(total) - np.repeat(first - start, count)
+        same = self.entry_hash[entry] == keys[key_idx]
+        return key_idx[same], entry[same]
+
+    def _locate(self, entry: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(track index, frame in that track) of entries."""
+        pos = self.entry_pos[entry].astype(np.int64)
+        track = np.searchsorted(self.track_starts, pos, side="right") - 1
+        return track, pos - self.track_starts[track]
+
+    def match(self, x: np.ndarray) -> Match:
+        """Identify mono SAMPLE_RATE audio; 33/45 is tried only if nothing fits."""
+        t0 = time.perf_counter()
+        pairs = fp.triplets(fp.find_peaks(x))
+        best = self._search(pairs, NORMAL_SPEEDS, MIN_INLIERS)
+        if best.track_id is None:
+            rpm = self._search(pairs, RPM_SPEEDS, RPM_MIN_INLIERS)
+            if rpm.track_id is not None or rpm.score > best.score:
+                best = rpm
+        elapsed = (time.perf_counter() - t0) * 1000.0
+        return Match(**{**best.__dict__, "elapsed_ms": elapsed})
+
+    def _search(self, pairs: fp.Triplets, speeds: Sequence[float], min_inliers: int) -> Match:
+        nothing = Match(None, 0.0, 1.0, 0.0, 0, 0, len(pairs), 0.0)
+        if len(pairs) == 0 or self.entries == 0:
+            return nothing
+        keys, q, h, a_cell = _query_cells(pairs, speeds)
+        key_idx, entry = self._lookup(keys)
+        if len(entry) == 0:
+            return nothing
+        q, h, a_cell = q[key_idx], h[key_idx], a_cell[key_idx]
+        track, frame = self._locate(entry)
+        speed = np.asarray(speeds)[h]
+        offset = frame - speed * pairs.ta[q]
+        cands = _vote(track, h, offset, q, len(speeds))
+        results = []
+        for tr, hy, center in cands:
+            sel = np.nonzero((track == tr) & (h == hy) & (np.abs(offset - center) <= VOTE_BIN))[0]
+            fit = self._verify(pairs, sel, q, offset, a_cell, frame, center)
+            results.append((tr, fit, fit.plausible(speeds)))
+        results.sort(key=lambda r: -r[1].score)
+        tr, fit, plausible = results[0]
+        runner_up = max((f.score for t, f, _ in results if t != tr), default=0)
+        ok = plausible and fit.score >= min_inliers and fit.score >= MIN_LEAD * runner_up
+        return Match(
+            track_id=int(self.track_ids[tr]) if ok else None,
+            offset_s=fit.start / fp.FRAME_RATE,
+            speed=fit.speed,
+            confidence=_confidence(fit.score, runner_up, min_inliers) if plausible else 0.0,
+            score=fit.score,
+            runner_up=runner_up,
+            query_pairs=len(pairs),
+            elapsed_ms=0.0,
+        )
+
+    def _verify(self, pairs, sel, q, offset, a_cell, frame, center) -> _Fit:
+        """Fit track time = start + speed * clip time to the candidate's hits."""
+        if len(sel) < 3:
+            return _NO_FIT
+        # One hit per query triplet: the one nearest the vote's centre.
+        sel = sel[np.argsort(np.abs(offset[sel] - center), kind="stable")]
+        _, first = np.unique(q[sel], return_index=True)
+        sel = sel[first]
+        tq = pairs.ta[q[sel]].astype(np.float64)
+        tr = frame[sel].astype(np.float64)
+        inl = np.ones(len(sel), dtype=bool)
+        slope, icpt = 1.0, center
+        for _ in range(3):
+            if inl.sum() < 3 or np.ptp(tq[inl]) < 1.0:
+                return _NO_FIT
+            slope, icpt = np.polyfit(tq[inl], tr[inl], 1)
+            inl = np.abs(tr - (icpt + slope * tq)) <= INLIER_FRAMES
+        score = int(inl.sum())
+        # Triplets of one anchor share its times: precision comes from anchors.
+        anchors = pairs.anchor[q[sel]]
+        _, one = np.unique(np.where(inl, anchors, -1), return_index=True)
+        one = one[inl[one]]
+        n = len(one)
+        if n < 3 or not (0.6 < slope < 1.6) or np.ptp(tq[one]) < 1.0:
+            return _NO_FIT
+        slope, icpt = np.polyfit(tq[one], tr[one], 1)
+        res = tr[one] - (icpt + slope * tq[one])
+        spread = np.sqrt(np.sum((tq[one] - tq[one].mean()) ** 2))
+        slope_se = max(np.sqrt(np.sum(res**2) / max(n - 2, 1)), 0.15) / spread
+        # Pitch: every matched anchor is shifted by log2(speed) octaves.
+        shift = pairs.pa[q[sel[one]]] - a_cell[sel[one]]
+        pitch = 2.0 ** (float(np.mean(shift)) / fp.BINS_PER_OCTAVE)
+        pitch_se = pitch * math.log(2) / fp.BINS_PER_OCTAVE * max(float(np.std(shift)), 0.29) / math.sqrt(n)
+        return _Fit(score, float(slope), slope_se, float(icpt), pitch, pitch_se)
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """A candidate's line: track frame = start + time_speed * clip frame."""
+
+    score: int
+    time_speed: float
+    time_se: float
+    start: float
+    pitch_speed: float
+    pitch_se: float
+
+    @property
+    def agrees(self) -> bool:
+        """Time stretch and pitch shift tell the same speed, as only real playback does.
+
+        The library keeps pitch to the nearest log bin, and notes on a scale all
+        round the same way, so pitch may be off by up to half a bin (~1 %)."""
+        gap = abs(self.time_speed - self.pitch_speed)
+        return self.score > 0 and gap <= 3.0 * math.hypot(self.time_se, self.pitch_se) + PITCH_ROUNDING
+
+    def plausible(self, speeds: Sequence[float]) -> bool:
+        """Well determined, speeds agree, and inside the range that was searched."""
+        near = min(abs(self.time_speed / s - 1) for s in speeds)
+        inside = near <= HYPOTHESIS_STEP / 2 + 3 * self.time_se
+        return self.agrees and self.time_se <= MAX_TIME_SE and inside
+
+    @property
+    def speed(self) -> float:
+        """The time stretch: unbiased, unlike the rounded pitch."""
+        return self.time_speed
+
+
+_NO_FIT = _Fit(0, 1.0, 1.0, 0.0, 1.0, 1.0)
+
+
+def _query_cells(tr: fp.Triplets, speeds: Sequence[float]):
+    """Every hash cell each triplet may occupy under each speed hypothesis."""
+    n = len(tr)
+    keys, qs, hs, acells = [], [], [], []
+    tol_speed_p = fp.BINS_PER_OCTAVE * math.log2(1 + HYPOTHESIS_STEP / 2)
+    c1 = _cells(tr.d1, JITTER_DP)
+    c2 = _cells(tr.d2, JITTER_DP)
+    q_all = np.arange(n)
+    for hi, s in enumerate(speeds):
+        t1, t2 = tr.t1 * s, tr.t2 * s
+        dims = [
+            _cells(tr.pa - fp.BINS_PER_OCTAVE * math.log2(s), JITTER_P + tol_speed_p),
+            c1,
+            _cells(t1, JITTER_T + t1 * HYPOTHESIS_STEP / 2),
+            c2,
+            _cells(t2, JITTER_T + t2 * HYPOTHESIS_STEP / 2),
+        ]
+        shape = (n,) + tuple(d.shape[1] for d in dims)
+        grids = [
+            np.broadcast_to(d.reshape((n,) + tuple(d.shape[1] if k == i else 1 for k in range(5))), shape)
+            for i, d in enumerate(dims)
+        ]
+        valid = fp.in_range(*grids)
+        cells = [g[valid] for g in grids]
+        Q = np.broadcast_to(q_all.reshape((n,) + (1,) * 5), shape)[valid]
+        keys.append(fp.pack(*cells))
+        qs.append(Q)
+        hs.append(np.full(len(Q), hi, dtype=np.int64))
+        acells.append(cells[0].astype(np.float32))
+    return (
+        np.concatenate(keys),
+        np.concatenate(qs),
+        np.concatenate(hs),
+        np.concatenate(acells),
+    )
+
+
+_NONE = -(1 << 20)
+
+
+def _cells(v: np.ndarray, tol) -> np.ndarray:
+    """Integer cells within +-tol of v, padded with an invalid value: shape (n, k)."""
+    lo = np.ceil(v - tol - 0.5).astype(np.int64)
+    hi = np.floor(v + tol + 0.5).astype(np.int64)
+    hi = np.maximum(hi, lo)
+    width = int((hi - lo).max()) + 1 if len(v) else 1
+    c = lo[:, None] + np.arange(width)[None, :]
+    return np.where(c <= hi[:, None], c, _NONE)
+
+
+def _vote(track, h, offset, q, n_hyp, top=4):
+    """Best (track, hypothesis, offset) candidates by distinct pairs per bin."""
+    best = {}
+    for shift in (0.0, 0.5):
+        b = np.floor(offset / VOTE_BIN + shift).astype(np.int64) + (1 << 30)
+        key = ((track * n_hyp + h) << 32) | b
+        kk, inv = np.unique(key, return_inverse=True)
+        # Distinct query pairs per key: a pair hitting one bin twice votes once.
+        pairs_in_key = np.unique(inv.astype(np.int64) * (int(q.max()) + 1) + q)
+        counts = np.bincount(pairs_in_key // (int(q.max()) + 1), minlength=len(kk))
+        for i in np.argsort(-counts, kind="stable")[: top * 2]:
+            k = int(kk[i])
+            tr, hy = divmod(k >> 32, n_hyp)
+            center = ((k & 0xFFFFFFFF) - (1 << 30) - shift + 0.5) * VOTE_BIN
+            cur = best.get((tr, hy))
+            if cur is None or counts[i] > cur[0]:
+                best[(tr, hy)] = (int(counts[i]), center)
+    ranked = sorted(best.items(), key=lambda kv: -kv[1][0])[:top]
+    return [(tr, hy, center) for (tr, hy), (_, center) in ranked]
+
+
+def _confidence(score: int, runner_up: int, min_inliers: int) -> float:
+    """Monotone in evidence and lead over the runner-up; 0.5 at the decision threshold."""
+    margin = min(score - min_inliers, score - MIN_LEAD * runner_up)
+    return float(1.0 / (1.0 + math.exp(-margin / 6.0)))
