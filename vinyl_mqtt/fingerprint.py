@@ -228,32 +228,44 @@ def triplets(peaks: Peaks, dt_max: float = DT_MAX, lookahead: int = 48) -> Tripl
     )
 
 
-def pack(a, d1, t1, d2, t2) -> np.ndarray:
-    """32-bit hash of integer cells (anchor bin, two steps in pitch and time).
+# Key layout of a triplet's integer cells: (shift, bias, lowest, highest) for
+# anchor bin, first pitch step, first time step, second pitch step, second time step.
+CELLS = (
+    (26, 0, 0, N_BINS - 1),
+    (19, DP_MAX, -DP_MAX, DP_MAX),
+    (13, 0, DT_MIN, DT_MAX),
+    (6, DP_MAX, -DP_MAX, DP_MAX),
+    (0, 0, DT_MIN, DT_MAX),
+)
 
-    The 34 bits of cells are mixed by a multiplicative hash so that the top bits
-    address the table evenly whatever its size.
-    """
-    key = (
-        (a.astype(np.uint64) << np.uint64(26))
-        | ((d1 + DP_MAX).astype(np.uint64) << np.uint64(19))
-        | (t1.astype(np.uint64) << np.uint64(13))
-        | ((d2 + DP_MAX).astype(np.uint64) << np.uint64(6))
-        | t2.astype(np.uint64)
-    )
+
+def cell_bits(field: int, cell: np.ndarray) -> np.ndarray:
+    """One cell's contribution to the 34-bit key (cells must be in range)."""
+    shift, bias = CELLS[field][:2]
+    return (cell + bias).astype(np.uint64) << np.uint64(shift)
+
+
+def mix(key: np.ndarray) -> np.ndarray:
+    """34-bit key to a 32-bit hash whose top bits address a table evenly."""
     return ((key * _GOLDEN) >> np.uint64(32)).astype(np.uint32)
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def in_range(a, d1, t1, d2, t2) -> np.ndarray:
-    """Cells a hash can be made of (the query asks only for these)."""
-    return (
-        (a >= 0) & (a < N_BINS)
-        & (np.abs(d1) <= DP_MAX) & (np.abs(d2) <= DP_MAX)
-        & (t1 >= DT_MIN) & (t1 <= DT_MAX) & (t2 >= DT_MIN) & (t2 <= DT_MAX)
-    )
+def in_range(*cells: np.ndarray) -> np.ndarray:
+    ok = np.ones(np.shape(cells[0]), dtype=bool)
+    for c, (_, _, lo, hi) in zip(cells, CELLS):
+        ok &= (c >= lo) & (c <= hi)
+    return ok
+
+
+def pack(*cells: np.ndarray) -> np.ndarray:
+    """Hash of integer cells (anchor bin, two steps in pitch and time)."""
+    key = np.zeros(np.shape(cells[0]), dtype=np.uint64)
+    for field, c in enumerate(cells):
+        key |= cell_bits(field, c)
+    return mix(key)
 
 
 @dataclass(frozen=True)

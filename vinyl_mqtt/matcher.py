@@ -263,53 +263,51 @@ _NO_FIT = _Fit(0, 1.0, 1.0, 0.0, 1.0, 1.0)
 
 
 def _query_cells(tr: fp.Triplets, speeds: Sequence[float]):
-    """Every hash cell each triplet may occupy under each speed hypothesis."""
+    """Every hash cell each triplet may occupy under each speed hypothesis.
+
+    Rows are (hypothesis, triplet) pairs. Built one field at a time, dropping
+    impossible cells as it goes: the full cartesian grid would be eight times
+    larger than what survives.
+    """
     n = len(tr)
-    keys, qs, hs, acells = [], [], [], []
+    speed = np.repeat(np.asarray(speeds, dtype=np.float64), n)
+    pa = np.tile(tr.pa, len(speeds)) - fp.BINS_PER_OCTAVE * np.log2(speed)
+    t1, t2 = np.tile(tr.t1, len(speeds)) * speed, np.tile(tr.t2, len(speeds)) * speed
     tol_speed_p = fp.BINS_PER_OCTAVE * math.log2(1 + HYPOTHESIS_STEP / 2)
-    c1 = _cells(tr.d1, JITTER_DP)
-    c2 = _cells(tr.d2, JITTER_DP)
-    q_all = np.arange(n)
-    for hi, s in enumerate(speeds):
-        t1, t2 = tr.t1 * s, tr.t2 * s
-        dims = [
-            _cells(tr.pa - fp.BINS_PER_OCTAVE * math.log2(s), JITTER_P + tol_speed_p),
-            c1,
-            _cells(t1, JITTER_T + t1 * HYPOTHESIS_STEP / 2),
-            c2,
-            _cells(t2, JITTER_T + t2 * HYPOTHESIS_STEP / 2),
-        ]
-        shape = (n,) + tuple(d.shape[1] for d in dims)
-        grids = [
-            np.broadcast_to(d.reshape((n,) + tuple(d.shape[1] if k == i else 1 for k in range(5))), shape)
-            for i, d in enumerate(dims)
-        ]
-        valid = fp.in_range(*grids)
-        cells = [g[valid] for g in grids]
-        Q = np.broadcast_to(q_all.reshape((n,) + (1,) * 5), shape)[valid]
-        keys.append(fp.pack(*cells))
-        qs.append(Q)
-        hs.append(np.full(len(Q), hi, dtype=np.int64))
-        acells.append(cells[0].astype(np.float32))
-    return (
-        np.concatenate(keys),
-        np.concatenate(qs),
-        np.concatenate(hs),
-        np.concatenate(acells),
-    )
+    row = np.arange(len(pa))
+    row, key, a_cell = _expand(row, np.zeros(len(row), np.uint64), _cells(pa, JITTER_P + tol_speed_p, 0), keep=True)
+    for cells in (
+        _cells(np.tile(tr.d1, len(speeds)), JITTER_DP, 1),
+        _cells(t1, JITTER_T + t1 * HYPOTHESIS_STEP / 2, 2),
+        _cells(np.tile(tr.d2, len(speeds)), JITTER_DP, 3),
+        _cells(t2, JITTER_T + t2 * HYPOTHESIS_STEP / 2, 4),
+    ):
+        sel, key, _ = _expand(row, key, cells)
+        row, a_cell = row[sel], a_cell[sel]
+    h, q = np.divmod(row, n)
+    return fp.mix(key), q, h, a_cell.astype(np.float32)
 
 
-_NONE = -(1 << 20)
+def _expand(q, key, cells, keep=False):
+    """Each row once per valid cell of its triplet: (rows or q, key, cell)."""
+    bits, valid, raw = cells
+    v = valid[q]
+    rows = np.repeat(np.arange(len(q)), v.sum(axis=1))
+    key = key[rows] | bits[q][v]
+    if keep:
+        return q[rows], key, raw[q][v]
+    return rows, key, None
 
 
-def _cells(v: np.ndarray, tol) -> np.ndarray:
-    """Integer cells within +-tol of v, padded with an invalid value: shape (n, k)."""
+def _cells(v: np.ndarray, tol, field: int):
+    """Cells within +-tol of v as (key bits, valid mask, cell value), each (n, k)."""
     lo = np.ceil(v - tol - 0.5).astype(np.int64)
     hi = np.floor(v + tol + 0.5).astype(np.int64)
-    hi = np.maximum(hi, lo)
     width = int((hi - lo).max()) + 1 if len(v) else 1
-    c = lo[:, None] + np.arange(width)[None, :]
-    return np.where(c <= hi[:, None], c, _NONE)
+    c = lo[:, None] + np.arange(max(width, 1))[None, :]
+    _, _, lowest, highest = fp.CELLS[field]
+    valid = (c <= hi[:, None]) & (c >= lowest) & (c <= highest)
+    return fp.cell_bits(field, np.where(valid, c, lowest)), valid, c
 
 
 def _vote(track, h, offset, q, n_hyp, top=4):
