@@ -113,6 +113,12 @@ def _identify_one(index, tracks, f: str) -> dict:
     return out
 
 
+def cmd_demo(args) -> int:
+    from .demo import run
+
+    return run(args.music)
+
+
 def _mmss(s: float) -> str:
     s = max(0.0, s)
     return f"{int(s // 60)}:{int(s % 60):02d}"
@@ -147,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("files", nargs="+")
     ident.add_argument("--json", action="store_true", help="one JSON object per file per line")
     ident.set_defaults(func=cmd_identify)
+
+    demo = sub.add_parser("demo", help="recognise bundled recordings through a simulated turntable")
+    demo.add_argument("--music", metavar="DIR", help="recordings to use instead of the bundled ones")
+    demo.set_defaults(func=cmd_demo)
     return p
 
 
