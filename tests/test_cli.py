@@ -87,11 +87,6 @@ def test_identify_subprocess_streams_json_lines(library, clips):
     assert out[1]["title"] == LIBRARY[CLIP_NAME][0]
 
 
-@pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="bug: a file under 128 ms (one FFT window at 8 kHz) makes Index.match raise ValueError, "
-    "which aborts the whole `identify` batch with a traceback",
-)
 def test_identify_very_short_file(library, clips, tmp_path, capsys):
     known, _, _ = clips
     short = make_wav(tmp_path / "blip.wav", np.full(2000, 0.1, np.float32), SIM_RATE)  # 45 ms

@@ -216,11 +216,6 @@ def test_noise_is_unknown(library, label, y):
     assert m.confidence < 0.5
 
 
-@pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="bug: Index.match raises ValueError (sliding_window_view) on audio shorter than "
-    "one FFT window (1024 samples at 8 kHz, 128 ms) instead of answering 'don't know'",
-)
 @pytest.mark.parametrize("seconds", [0.0, 0.05, 0.12])
 def test_clip_shorter_than_a_frame_is_unknown(library, seconds):
     y = (np.random.default_rng(1).standard_normal(int(seconds * SIM_RATE)) * 0.1).astype(np.float32)

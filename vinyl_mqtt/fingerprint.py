@@ -119,6 +119,8 @@ def spectrogram(x: np.ndarray, chunk: int = 2048) -> np.ndarray:
     """Log power on the log-frequency axis, shape (frames, N_BINS), float32."""
     n = 1 + (len(x) - N_FFT) // HOP if len(x) >= N_FFT else 0
     out = np.empty((n, N_BINS), dtype=np.float32)
+    if n == 0:  # shorter than one window: nothing to hear
+        return out
     frames = np.lib.stride_tricks.sliding_window_view(x, N_FFT)[::HOP]
     for s in range(0, n, chunk):
         spec = scipy.fft.rfft(frames[s : s + chunk] * _WINDOW, axis=1)[:, _FB_LO:_FB_HI]
