@@ -393,11 +393,6 @@ def test_remove_by_id_and_by_folder(tmp_path, media, capsys):
         assert len(store.tracks()) == len(in_b) - 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a file whose mtime changed but bytes did not (touch, cp without -p, a restore) is "
-    "re-hashed, and the stored mtime is never refreshed, so it is re-read on every later run too",
-)
 def test_touched_file_is_read_once(tmp_path, media, monkeypatch):
     music, made = media
     folder = _copy(music, tmp_path / "music")
@@ -417,11 +412,6 @@ def test_touched_file_is_read_once(tmp_path, media, monkeypatch):
         assert spy.calls == {} and spy.opened == [], (spy.calls, spy.opened)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a file re-tagged in place (new bytes, same path) is added as a second track and the "
-    "stale one is kept; the two have the same audio, so a clip of it then ties and gives 'don't know'",
-)
 def test_retagged_file_replaces_its_track(tmp_path, excerpts):
     from mutagen.oggvorbis import OggVorbis
 
@@ -442,3 +432,27 @@ def test_retagged_file_replaces_its_track(tmp_path, excerpts):
         assert [t.title for t in same_path] == ["Castle (tag fixed)"], [(t.id, t.title) for t in same_path]
         assert m.track_id == same_path[0].id, m
         assert len(store.tracks()) == len(LIBRARY)
+
+
+def test_silent_file_is_reported_not_added(tmp_path):
+    """A track no clip could ever match is a failure to report, not a dead entry."""
+    folder = tmp_path / "music"
+    folder.mkdir()
+    make_wav(folder / "silence.wav", np.zeros(44100 * 5, np.float32), 44100)
+    with Store(tmp_path / "lib.sqlite") as store:
+        report = ingest(store, [folder], workers=1)
+        assert report.added == 0
+        assert [Path(p).name for p, _ in report.failed] == ["silence.wav"]
+        assert "no music" in report.failed[0][1]
+        assert store.tracks() == []
+
+
+def test_remove_numeric_folder_name_is_a_folder(tmp_path, media, monkeypatch):
+    """`library remove 2024` means the folder 2024 when there is one, not track id 2024."""
+    music, made = media
+    folder = _copy(music, tmp_path / "2024")
+    with Store(tmp_path / "lib.sqlite") as store:
+        ingest(store, [folder], workers=1)
+        monkeypatch.chdir(tmp_path)
+        assert sorted(store.find("2024")) == sorted(t.id for t in store.tracks())
+        assert store.find("2024") != []

@@ -24,6 +24,8 @@ from .tags import TrackInfo, read_tags
 
 log = logging.getLogger(__name__)
 
+MIN_HASHES = 50  # fewer and no clip of the track could ever be identified
+
 
 @dataclass
 class IngestReport:
@@ -82,6 +84,8 @@ def _analyse(job: tuple[str, int, float, frozenset[str]]) -> _Analysed:
         if len(samples) < fp.SAMPLE_RATE:
             return _Analysed(path, size, mtime, digest, error="shorter than one second of audio")
         prints = fp.fingerprint(samples)
+        if len(prints.hashes) < MIN_HASHES:
+            return _Analysed(path, size, mtime, digest, error="no music found to fingerprint (silent or a plain tone?)")
     except AudioError as e:
         return _Analysed(path, size, mtime, digest, error=e.reason)
     except MemoryError:
@@ -118,7 +122,7 @@ def ingest(
     try:
         for res in _run(_analyse, [(*j, hashes) for j in jobs], workers):
             bar.update(res.size)
-            _record(store, res, known_hashes, report, on_failure)
+            _record(store, res, known_hashes, known_files, report, on_failure)
             bar.set_postfix_str(f"{report.added} added, {len(report.failed)} failed", refresh=False)
     finally:
         bar.close()
@@ -126,7 +130,7 @@ def ingest(
     return report
 
 
-def _record(store: Store, res: _Analysed, known_hashes, report: IngestReport, on_failure) -> None:
+def _record(store: Store, res: _Analysed, known_hashes, known_files, report: IngestReport, on_failure) -> None:
     if res.error:
         report.failed.append((res.path, res.error))
         log.warning("%s: %s (skipped)", res.path, res.error)
@@ -134,16 +138,22 @@ def _record(store: Store, res: _Analysed, known_hashes, report: IngestReport, on
             on_failure(res.path, res.error)
     elif res.content_hash in known_hashes:
         track_id, old_path = known_hashes[res.content_hash]
-        if old_path != res.path and not os.path.exists(old_path):
-            store.move_track(track_id, res.path, res.size, res.mtime)
+        if old_path == res.path:  # touched, not changed: remember the new mtime
+            store.update_location(track_id, res.path, res.size, res.mtime)
+            report.skipped += 1
+        elif not os.path.exists(old_path):
+            store.update_location(track_id, res.path, res.size, res.mtime)
             known_hashes[res.content_hash] = (track_id, res.path)
             report.moved += 1
         else:
             report.skipped += 1  # same bytes twice in the library: one track
     else:
+        # New bytes at a known path (re-tagged, re-encoded) replace the old track.
+        old = known_files.get(res.path)
+        replaces = known_hashes.pop(old[2])[0] if old and old[2] in known_hashes else None
         track_id = store.add_track(
             path=res.path, size=res.size, mtime=res.mtime, content_hash=res.content_hash,
-            info=res.info, prints=res.prints,
+            info=res.info, prints=res.prints, replaces=replaces,
         )
         known_hashes[res.content_hash] = (track_id, res.path)
         report.added += 1

@@ -218,9 +218,12 @@ class Store:
         content_hash: str,
         info: TrackInfo,
         prints: fp.TrackPrints,
+        replaces: int | None = None,
     ) -> int:
-        """One track, its cover and fingerprint in one transaction."""
+        """One track, its cover and fingerprint in one transaction (replacing another)."""
         with self.db:
+            if replaces is not None:
+                self._delete([replaces])
             cover_id = self._cover_id(info.cover, info.cover_mime)
             cur = self.db.execute(
                 "INSERT INTO tracks (content_hash, path, size, mtime, title, artist, album, album_artist, "
@@ -235,23 +238,26 @@ class Store:
             self._bump()
             return int(cur.lastrowid)
 
-    def move_track(self, track_id: int, path: str, size: int, mtime: float) -> None:
-        """The same content found at a new path: keep the track, update where it is."""
+    def update_location(self, track_id: int, path: str, size: int, mtime: float) -> None:
+        """The same content moved or touched: keep the track, update where and when it is."""
         with self.db:
             self.db.execute("UPDATE tracks SET path=?, size=?, mtime=? WHERE id=?", (path, size, mtime, track_id))
 
     def remove(self, track_ids: Iterable[int]) -> int:
-        ids = [(int(i),) for i in track_ids]
         with self.db:
-            n = self.db.executemany("DELETE FROM tracks WHERE id=?", ids).rowcount
-            self.db.execute("DELETE FROM covers WHERE id NOT IN (SELECT cover_id FROM tracks WHERE cover_id IS NOT NULL)")
+            n = self._delete(track_ids)
             if n:
                 self._bump()
         return n
 
+    def _delete(self, track_ids: Iterable[int]) -> int:
+        n = self.db.executemany("DELETE FROM tracks WHERE id=?", [(int(i),) for i in track_ids]).rowcount
+        self.db.execute("DELETE FROM covers WHERE id NOT IN (SELECT cover_id FROM tracks WHERE cover_id IS NOT NULL)")
+        return n
+
     def find(self, spec: str) -> list[int]:
         """Track ids for an id, a file path, or a folder (every track below it)."""
-        if spec.isdigit():
+        if spec.isdigit() and not Path(spec).exists():
             return [r[0] for r in self.db.execute("SELECT id FROM tracks WHERE id=?", (int(spec),))]
         p = str(Path(spec).expanduser().resolve())
         rows = self.db.execute(
