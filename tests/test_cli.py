@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -71,7 +72,9 @@ def test_identify_text(library, clips, capsys):
     assert main(["identify", "--db", str(library.db), str(known), str(unknown)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2
-    assert out[0].startswith(f"{known}: Mortimer Twang — Mortimer's Chipdisko") and "+2.0" in out[0]
+    assert out[0].startswith(f"{known}: Mortimer Twang — Mortimer's Chipdisko")
+    speed = float(re.search(r"speed ([+-][0-9.]+) %", out[0]).group(1))
+    assert abs(speed - 2.0) <= 0.2, out[0]  # worn deck: wow and crackle blur it a little
     assert out[1] == f"{unknown}: no match"
 
 

@@ -138,8 +138,8 @@ def _speed_errors(library, excerpts, factor: float, seconds: float = CLIP_S) -> 
 SPEED_TOL = {1.008: 0.001, 0.992: 0.001, 1.02: 0.0015, 0.98: 0.0015, 1.03: 0.0015, 0.97: 0.0015}
 _PRECISION = pytest.mark.xfail(
     strict=True,
-    reason="weak spot: speed precision on 10 s clips is sd ~0.06-0.08 %, so about 1 clip in 10 "
-    "is outside +-0.1 % (at +-2-3 %: +-0.15 %); library anchor times are stored in whole 32 ms frames",
+    reason="weak spot: speed error on 10 s clips is ~0.03 % median, but about 1 clip in 16 is "
+    "0.10-0.12 % off, just outside +-0.1 %: the query's peak times jitter by ~0.3 frame",
 )
 
 
@@ -159,7 +159,7 @@ def test_speed_estimate_typical(library, excerpts, factor):
 
 @pytest.mark.parametrize(
     "factor",
-    [pytest.param(f, marks=_PRECISION) if f in (1.008, 0.992, 0.98) else f for f in SPEED_TOL],
+    [pytest.param(f, marks=_PRECISION) if f in (1.008, 0.992) else f for f in SPEED_TOL],
 )
 def test_speed_estimate_every_clip(library, excerpts, factor):
     """Every one of 16 clips within the tolerance."""

@@ -148,7 +148,8 @@ def _declick(s: np.ndarray) -> np.ndarray:
 
 def find_peaks(x: np.ndarray) -> Peaks:
     """Peaks of the spectrogram of mono SAMPLE_RATE audio, density-capped."""
-    s = _declick(spectrogram(x))
+    raw = spectrogram(x)
+    s = _declick(raw)
     duration = len(x) / SAMPLE_RATE
     if len(s) < 3:
         return Peaks(np.zeros(0, np.float32), np.zeros(0, np.float32), duration)
@@ -174,7 +175,7 @@ def find_peaks(x: np.ndarray) -> Peaks:
     t, p = t[keep], p[keep]
     # Sub-bin positions by parabolic interpolation in each direction.
     pf = _parabolic(s[t, p - 1], s[t, p], s[t, p + 1])
-    tf = _parabolic(s[t - 1, p], s[t, p], s[t + 1, p])
+    tf = _parabolic(raw[t - 1, p], raw[t, p], raw[t + 1, p])
     tt = (t + tf).astype(np.float32)
     pp = (p + pf).astype(np.float32)
     order = np.lexsort((pp, tt))
@@ -270,12 +271,17 @@ def pack(*cells: np.ndarray) -> np.ndarray:
     return mix(key)
 
 
+# Anchor times are stored in quarter frames (8 ms): whole frames left the
+# measured speed of a 10 s clip scattered by +-0.15 %.
+TIME_UNITS = 4
+
+
 @dataclass(frozen=True)
 class TrackPrints:
-    """What the library stores for one track: hash and anchor frame per triplet."""
+    """What the library stores for one track: hash and anchor time per triplet."""
 
     hashes: np.ndarray  # uint32
-    times: np.ndarray  # uint32 anchor frame
+    times: np.ndarray  # uint32 anchor time in 1/TIME_UNITS frames
     duration_s: float
 
     def to_bytes(self) -> bytes:
@@ -293,6 +299,6 @@ def fingerprint(x: np.ndarray) -> TrackPrints:
     cells = [np.rint(v).astype(np.int64) for v in (tr.pa, tr.d1, tr.t1, tr.d2, tr.t2)]
     ok = in_range(*cells)
     h = pack(*(c[ok] for c in cells))
-    t = np.rint(tr.ta[ok]).astype(np.uint32)
+    t = np.rint(tr.ta[ok] * TIME_UNITS).astype(np.uint32)
     order = np.argsort(h, kind="stable")
     return TrackPrints(h[order], t[order], len(x) / SAMPLE_RATE)

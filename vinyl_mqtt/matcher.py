@@ -75,18 +75,19 @@ class Match:
 class Index:
     """Hash table over the fingerprints of many tracks, 8 bytes an entry.
 
-    All tracks sit on one global frame axis (each starts where the previous
-    one ended, plus a gap), so an entry is just (hash, global frame) and the
-    track is found by bisecting the track starts.
+    All tracks sit on one global time axis (each starts where the previous
+    one ended, plus a gap), so an entry is just (hash, global time) and the
+    track is found by bisecting the track starts. Times are in
+    1/TIME_UNITS frames, as the library stores them.
     """
 
-    GAP_FRAMES = 64  # between tracks, so no vote window spans two of them
+    GAP = 64 * fp.TIME_UNITS  # between tracks, so no vote window spans two of them
 
     def __init__(self, track_ids: Sequence[int], prints: Sequence[fp.TrackPrints]):
         lengths = [int(p.times.max()) + 1 if len(p.times) else 0 for p in prints]
         starts = np.zeros(len(prints), dtype=np.int64)
         if prints:
-            np.cumsum(np.asarray(lengths[:-1], dtype=np.int64) + self.GAP_FRAMES, out=starts[1:])
+            np.cumsum(np.asarray(lengths[:-1], dtype=np.int64) + self.GAP, out=starts[1:])
         if prints:
             hashes = np.concatenate([p.hashes for p in prints])
             pos = np.concatenate([p.times.astype(np.int64) + s for p, s in zip(prints, starts)])
@@ -104,7 +105,7 @@ class Index:
 
     def _build(self, track_ids, durations, track_starts, hashes, positions) -> None:
         if len(positions) and int(positions.max()) >= 1 << 32:
-            raise ValueError("library too large for 32-bit frame positions")
+            raise ValueError("library too large for 32-bit positions (about 9,500 hours)")
         self.track_ids = np.asarray(track_ids, dtype=np.int64)
         self.durations = np.asarray(durations, dtype=np.float64)
         self.track_starts = np.asarray(track_starts, dtype=np.int64)
@@ -144,7 +145,7 @@ class Index:
         """(track index, frame in that track) of entries."""
         pos = self.entry_pos[entry].astype(np.int64)
         track = np.searchsorted(self.track_starts, pos, side="right") - 1
-        return track, pos - self.track_starts[track]
+        return track, (pos - self.track_starts[track]) / fp.TIME_UNITS
 
     def match(self, x: np.ndarray) -> Match:
         """Identify mono SAMPLE_RATE audio; 33/45 is tried only if nothing fits."""
@@ -216,8 +217,15 @@ class Index:
         n = len(one)
         if n < 3 or not (0.6 < slope < 1.6) or np.ptp(tq[one]) < 1.0:
             return _NO_FIT
+        # Refit on the anchors that sit tightly on the line: the speed estimate
+        # should not lean on peaks the opening or the noise has displaced.
         slope, icpt = np.polyfit(tq[one], tr[one], 1)
         res = tr[one] - (icpt + slope * tq[one])
+        tight = np.abs(res) <= max(3.0 * 1.4826 * float(np.median(np.abs(res))), 0.25)
+        if tight.sum() >= max(3, n // 2) and np.ptp(tq[one][tight]) >= 1.0:
+            one, n = one[tight], int(tight.sum())
+            slope, icpt = np.polyfit(tq[one], tr[one], 1)
+            res = tr[one] - (icpt + slope * tq[one])
         spread = np.sqrt(np.sum((tq[one] - tq[one].mean()) ** 2))
         slope_se = max(np.sqrt(np.sum(res**2) / max(n - 2, 1)), 0.15) / spread
         # Pitch: every matched anchor is shifted by log2(speed) octaves.

@@ -114,7 +114,7 @@ def _fingerprint_version() -> str:
     params = (
         fp.SAMPLE_RATE, fp.N_FFT, fp.HOP, fp.F_MIN, fp.F_MAX, fp.BINS_PER_OCTAVE,
         fp.PEAK_DT, fp.PEAK_DF, fp.PEAKS_PER_SECOND, fp.MIN_PROMINENCE, fp.TARGETS,
-        fp.DT_MIN, fp.DT_MAX, fp.DP_MIN, fp.DP_MAX,
+        fp.DT_MIN, fp.DT_MAX, fp.DP_MIN, fp.DP_MAX, fp.TIME_UNITS,
     )
     return hashlib.sha1(repr(params).encode()).hexdigest()[:12]
 
