@@ -169,7 +169,7 @@ class ListenerConfig(_Section):
     rate: int = Field(44100, ge=8000, le=192000)
     channels: int = Field(2, ge=1, le=8)
     format: Literal["S16_LE", "S32_LE", "FLOAT_LE"] = "S16_LE"
-    period_frames: int = Field(1024, ge=64, le=65536)
+    period_frames: int = Field(4096, ge=64, le=65536)  # each wake-up costs more than the numpy work
     # default_factory: defaults that read the environment (XDG_*, VINYL_MQTT_DB) are taken when
     # the config is built, not when this module is imported
     gate: GateConfig = Field(default_factory=GateConfig)

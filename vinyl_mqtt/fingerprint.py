@@ -31,7 +31,7 @@ import scipy.fft
 import scipy.sparse
 from scipy import ndimage
 
-from .audio import resample
+from .pcm import resample
 
 SAMPLE_RATE = 8000
 N_FFT = 1024
