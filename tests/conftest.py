@@ -93,3 +93,6 @@ def library(tmp_path_factory) -> Library:
 def excerpts() -> dict[str, np.ndarray]:
     """Every excerpt (library and unknown) decoded to mono float32 at SIM_RATE."""
     return {name: decode(data_file(name), SIM_RATE) for name in (*LIBRARY, *UNKNOWN)}
+
+# a real Mosquitto on a free loopback port, for every test module (tests/broker.py)
+from broker import broker  # noqa: E402,F401

@@ -12,7 +12,7 @@ from pathlib import Path
 from . import __version__
 from . import fingerprint as fp
 from .audio import AudioError, decode
-from .config import ConfigError, default_db, load
+from .config import Config, ConfigError, default_db, load
 from .store import Store, StoreError
 
 
@@ -113,6 +113,37 @@ def _identify_one(index, tracks, f: str) -> dict:
     return out
 
 
+def cmd_run(args) -> int:
+    import asyncio
+
+    from .run import RoleFailed, run
+
+    cfg = load(args.config) if args.config else Config()
+    roles = [r.strip() for r in args.roles.split(",")] if args.roles else None
+    try:
+        asyncio.run(run(cfg, roles))
+    except RoleFailed as e:
+        print(f"vinyl-mqtt: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_devices(args) -> int:
+    from .capture import list_devices
+
+    for d in list_devices():
+        print(d)
+    return 0
+
+
+def cmd_config_check(args) -> int:
+    from .config import check
+
+    ok, text = check(args.file)
+    print(text, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 2
+
+
 def cmd_demo(args) -> int:
     from .demo import run
 
@@ -153,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     ident.add_argument("files", nargs="+")
     ident.add_argument("--json", action="store_true", help="one JSON object per file per line")
     ident.set_defaults(func=cmd_identify)
+
+    run = sub.add_parser("run", help="run the roles the config names (listener, matcher, ...)")
+    run.add_argument("--config", metavar="FILE", help="YAML config")
+    run.add_argument("--roles", metavar="ROLE,...", help="run these roles instead of the config's `roles`")
+    run.add_argument("-v", "--verbose", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    dev = sub.add_parser("devices", help="list ALSA capture devices")
+    dev.set_defaults(func=cmd_devices)
+
+    cfg = sub.add_parser("config", help="the YAML configuration").add_subparsers(dest="config_command", required=True)
+    chk = cfg.add_parser("check", help="validate a config file without running anything")
+    chk.add_argument("file")
+    chk.set_defaults(func=cmd_config_check)
 
     demo = sub.add_parser("demo", help="recognise bundled recordings through a simulated turntable")
     demo.add_argument("--music", metavar="DIR", help="recordings to use instead of the bundled ones")

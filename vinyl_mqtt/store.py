@@ -63,6 +63,9 @@ _TRACK_COLUMNS = (
     "id, path, title, artist, album, album_artist, track_number, disc_number, year, "
     "duration_s, cover_id, content_hash, n_hashes"
 )
+_ALL_TRACKS = (
+    f"SELECT {_TRACK_COLUMNS} FROM tracks ORDER BY album_artist, artist, album, disc_number, track_number, title"
+)
 
 
 class StoreError(Exception):
@@ -181,10 +184,7 @@ class Store:
         return {h: (i, p) for i, p, h in self.db.execute("SELECT id, path, content_hash FROM tracks")}
 
     def tracks(self) -> list[Track]:
-        rows = self.db.execute(
-            f"SELECT {_TRACK_COLUMNS} FROM tracks ORDER BY album_artist, artist, album, disc_number, track_number, title"
-        )
-        return [Track(*r) for r in rows]
+        return [Track(*r) for r in self.db.execute(_ALL_TRACKS)]
 
     def track(self, track_id: int) -> Track | None:
         row = self.db.execute(f"SELECT {_TRACK_COLUMNS} FROM tracks WHERE id=?", (track_id,)).fetchone()
@@ -303,6 +303,10 @@ class AsyncStore:
         async with self.db.execute("SELECT id, duration_s, fingerprint FROM tracks ORDER BY id") as cur:
             rows = await cur.fetchall()
         return _index_from_rows(rows)
+
+    async def tracks(self) -> list[Track]:
+        async with self.db.execute(_ALL_TRACKS) as cur:
+            return [Track(*r) for r in await cur.fetchall()]
 
     async def track(self, track_id: int) -> Track | None:
         async with self.db.execute(f"SELECT {_TRACK_COLUMNS} FROM tracks WHERE id=?", (track_id,)) as cur:
