@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import re
 import socket
@@ -25,30 +24,11 @@ try:
 except ImportError:  # tests/ imported as a package
     from tests.broker import Broker, Probe, broker, free_port  # noqa: F401
 
+from aio import aio, until  # noqa: E402
+
 BASE = "vm"
 TOPICS = Topics(BASE)
 LOGGER = "vinyl_mqtt.mqtt"
-
-
-def aio(timeout: float = 20.0):
-    """Run an async test function in a fresh event loop, with a hard time limit."""
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def run(*args, **kwargs):
-            asyncio.run(asyncio.wait_for(fn(*args, **kwargs), timeout))
-
-        return run
-
-    return wrap
-
-
-async def until(pred, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def _ignore(msg: Message) -> None:

@@ -426,7 +426,7 @@ class Connection:
         finally:
             if not task.done():
                 task.cancel()
-        if task.cancelled():
+        if not task.done() or task.cancelled():  # cancel() only asks: it may still be pending
             raise _SessionDown()
         return task.result()
 

@@ -48,6 +48,8 @@ class MatcherRole:
                 await self.conn.run(self.handle)
             finally:
                 watcher.cancel()
+                for t in self._tasks:
+                    t.cancel()
                 self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _reload(self, store: AsyncStore) -> None:
