@@ -83,7 +83,8 @@ class _Message(BaseModel):
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(map(str, first["loc"])) or "message"
-            raise MessageError(f"{cls.__name__}: {where}: {first['msg']}") from e
+            got = f", got {first['input']!r}" if first["type"] != "missing" else ""
+            raise MessageError(f"{cls.__name__}: {where}: {first['msg']}{got}"[:300]) from e
 
 
 ClipReason = Literal["needle_drop", "recheck", "after_gap"]
