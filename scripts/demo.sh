@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Set up (as scripts/test.sh does, without the test extras) and run the demo:
-# a library from the bundled recordings, clips played through a simulated
-# turntable, and what vinyl-mqtt recognises in them.
+# Set up (Debian packages, .venv) and run the demo: the whole chain on this
+# machine, a simulated record through ALSA into the listener and matcher over
+# MQTT. Extra arguments go to `vinyl-mqtt demo` (--mqtt-host, --pace, --music).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e .
+scripts/setup.sh
 exec .venv/bin/vinyl-mqtt demo "$@"

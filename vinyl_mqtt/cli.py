@@ -145,9 +145,9 @@ def cmd_config_check(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run
+    from .demo import run_demo
 
-    return run(args.music)
+    return run_demo(args.music, args.mqtt_host, args.mqtt_port, args.pace)
 
 
 def _mmss(s: float) -> str:
@@ -199,8 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("file")
     chk.set_defaults(func=cmd_config_check)
 
-    demo = sub.add_parser("demo", help="recognise bundled recordings through a simulated turntable")
+    demo = sub.add_parser("demo", help="the whole chain on this machine: a simulated record through ALSA, "
+                                       "the listener and matcher roles over MQTT")
     demo.add_argument("--music", metavar="DIR", help="recordings to use instead of the bundled ones")
+    demo.add_argument("--mqtt-host", help="use this broker (default: localhost:1883 if up, else start Mosquitto)")
+    demo.add_argument("--mqtt-port", type=int, default=1883)
+    demo.add_argument("--pace", type=float, default=2.0, help="play the record this many times real time")
     demo.set_defaults(func=cmd_demo)
     return p
 
