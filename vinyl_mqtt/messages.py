@@ -52,6 +52,20 @@ class Topics:
     def listener_state(self, listener: str) -> str:
         return f"{self.base}/{listener}/listener"
 
+    def play(self, listener: str) -> str:
+        return f"{self.base}/{listener}/play"
+
+    def now_playing(self, listener: str) -> str:
+        return f"{self.base}/{listener}/now_playing"
+
+    def cover(self, cover_id: int) -> str:
+        """A library cover image (raw bytes, retained), published by a matcher."""
+        return f"{self.base}/library/cover/{cover_id}"
+
+    def any_listener(self, what: str) -> str:
+        """``what`` (match, listener, play, ...) of every turntable."""
+        return f"{self.base}/+/{what}"
+
     def parts(self, topic: str) -> list[str]:
         """The levels after the base topic (``[node, role, 'status']`` ...)."""
         if not topic.startswith(self.base + "/"):
@@ -182,4 +196,44 @@ class ListenerState(_Message):
     rms_dbfs: float
     peak_dbfs: float
     since: float  # epoch seconds the state began
+    updated_at: float = Field(default_factory=time.time)
+
+
+PlayEventKind = Literal["started", "updated", "ended"]
+EndReason = Literal["silence", "next_track", "duration", "unknown_music", "restart"]
+
+
+class Play(_Message):
+    """One real play of one track, as the dedupe role decided it."""
+
+    play_id: str
+    listener: str
+    track: MatchedTrack
+    started_at: float  # epoch seconds the track's first second played (back from the offset)
+    speed: float  # measured playback speed
+    confidence: float
+    position_s: float  # track position at updated_at
+    updated_at: float
+    matches: int = 1  # agreeing matches so far
+    next_track_id: int | None = None  # predicted from the album order, if known
+    ended_at: float | None = None
+    played_s: float | None = None  # seconds actually heard, set when ended
+    played_through: bool | None = None  # reached (near) its end
+    end_reason: EndReason | None = None
+
+
+class PlayEvent(_Message):
+    """A change in what is playing: QoS 1, not retained (automations react to it)."""
+
+    event: PlayEventKind
+    play: Play
+
+
+class NowPlaying(_Message):
+    """What one turntable is playing now; retained, so a restarted role resumes it."""
+
+    listener: str
+    state: Literal["playing", "idle", "unknown"]  # unknown: music that is not in the library
+    play: Play | None = None
+    since: float
     updated_at: float = Field(default_factory=time.time)

@@ -37,10 +37,13 @@ class MatcherRole:
         self._pool = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="identify")
         self._slots = asyncio.Semaphore(self.settings.workers)
         self._tasks: set[asyncio.Task] = set()
+        self._store: AsyncStore | None = None
+        self._covers_sent: set[int] = set()
         self.identified = 0
 
     async def run(self) -> None:
         async with AsyncStore(self.cfg.library.db) as store:
+            self._store = store
             await self._reload(store)
             await self.conn.subscribe(self.topics.clip_shared(self.settings.share_group), qos=1)
             watcher = asyncio.create_task(self._watch_library(store))
@@ -113,5 +116,19 @@ class MatcherRole:
             f"{track.artist} — {track.title} at {m.offset_s:.1f} s, speed {100 * (m.speed - 1):+.2f} %"
             if track else "no match",
         )
+        if track is not None and track.cover_id is not None:
+            await self._publish_cover(track.cover_id)
         await self.conn.publish(self.topics.match(header.listener), result.to_json(), qos=1,
                                 content_type="application/json")
+
+    async def _publish_cover(self, cover_id: int) -> None:
+        """The cover of a matched track, retained, once per cover (before the match that names it)."""
+        if cover_id in self._covers_sent or self._store is None:
+            return
+        cover = await self._store.cover(cover_id)
+        if cover is None:
+            return
+        mime, data = cover
+        if await self.conn.publish(self.topics.cover(cover_id), data, qos=1, retain=True,
+                                   content_type=mime or "image/jpeg"):
+            self._covers_sent.add(cover_id)
