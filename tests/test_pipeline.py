@@ -116,7 +116,7 @@ def test_record_through_alsa_is_matched(broker, library, excerpts, tmp_path):
     assert result.track is not None and result.track.title == LIBRARY[SONG][0], logs
     assert result.track.path.endswith(f"{SONG}.ogg")
     assert result.matcher == "box" and result.confidence > 0.5
-    assert abs(result.speed - 1.0) < 0.005
+    assert abs(result.speed - 1.0) < 0.01  # the first clip holds ~3 s of music
     assert -0.5 <= result.offset_s < 27.0  # the first clip starts a pre-roll before the music
     assert state.state == "playing" and state.rms_dbfs > -45
     # SIGTERM: both roles said goodbye and exited cleanly

@@ -10,10 +10,17 @@ import time
 from pathlib import Path
 
 from . import __version__
-from . import fingerprint as fp
-from .audio import AudioError, decode
-from .config import Config, ConfigError, default_db, load
-from .store import Store, StoreError
+from .config import Config, default_db, load
+from .errors import VinylError
+
+# The engine (scipy, PyAV, SQLite) is imported by the commands that use it: a
+# Pi that only runs the listener stays small (~58 MB instead of ~102 MB).
+
+
+def _store(args, create: bool = True):
+    from .store import Store
+
+    return Store(_db_path(args), create=create)
 
 
 def _db_path(args) -> Path:
@@ -27,7 +34,7 @@ def _db_path(args) -> Path:
 def cmd_library_add(args) -> int:
     from .library import ingest
 
-    with Store(_db_path(args)) as store:
+    with _store(args) as store:
         report = ingest(store, args.paths, workers=args.workers, progress=not args.quiet and sys.stderr.isatty())
     for path, reason in report.failed:
         print(f"failed: {path}: {reason}", file=sys.stderr)
@@ -36,7 +43,7 @@ def cmd_library_add(args) -> int:
 
 
 def cmd_library_list(args) -> int:
-    with Store(_db_path(args), create=False) as store:
+    with _store(args, create=False) as store:
         tracks = store.tracks()
     for t in tracks:
         if args.json:
@@ -48,7 +55,7 @@ def cmd_library_list(args) -> int:
 
 
 def cmd_library_stats(args) -> int:
-    with Store(_db_path(args), create=False) as store:
+    with _store(args, create=False) as store:
         s = store.stats()
     if args.json:
         print(json.dumps(s.__dict__))
@@ -60,7 +67,7 @@ def cmd_library_stats(args) -> int:
 
 
 def cmd_library_remove(args) -> int:
-    with Store(_db_path(args), create=False) as store:
+    with _store(args, create=False) as store:
         ids = sorted({i for spec in args.specs for i in store.find(spec)})
         missing = [s for s in args.specs if not store.find(s)]
         n = store.remove(ids)
@@ -71,7 +78,7 @@ def cmd_library_remove(args) -> int:
 
 
 def cmd_identify(args) -> int:
-    with Store(_db_path(args), create=False) as store:
+    with _store(args, create=False) as store:
         index = store.load_index()
         tracks = {t.id: t for t in store.tracks()}
     worst = 0
@@ -94,6 +101,9 @@ def cmd_identify(args) -> int:
 
 
 def _identify_one(index, tracks, f: str) -> dict:
+    from . import fingerprint as fp
+    from .audio import AudioError, decode
+
     out = {"file": f, "matched": False, "track_id": None, "title": None, "artist": None, "album": None,
            "library_path": None, "confidence": 0.0, "offset_s": None, "speed": None, "speed_error_pct": None,
            "rpm_mistake": None, "score": 0, "elapsed_ms": None, "decode_ms": None}
@@ -217,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (StoreError, ConfigError, FileNotFoundError) as e:
+    except (VinylError, FileNotFoundError) as e:
         print(f"vinyl-mqtt: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -40,6 +40,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+from .errors import VinylError
+
 ROLES = ("listener", "matcher", "dedupe", "nowplaying", "scrobbler", "waker")
 Role = Literal["listener", "matcher", "dedupe", "nowplaying", "scrobbler", "waker"]
 
@@ -219,7 +221,7 @@ class Config(_Section):
         return self._source
 
 
-class ConfigError(Exception):
+class ConfigError(VinylError):
     """Names the file, the line, the key and what is wrong; one problem per line."""
 
     def __init__(self, message: str, lines: list[str] | None = None):

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import aiosqlite
 
 from . import fingerprint as fp
+from .errors import VinylError
 from .matcher import Index
 from .tags import TrackInfo
 
@@ -68,7 +69,7 @@ _ALL_TRACKS = (
 )
 
 
-class StoreError(Exception):
+class StoreError(VinylError):
     """The store cannot be used as it is (names the file and what is wrong)."""
 
 

@@ -113,7 +113,7 @@ class MatcherRole:
         self.identified += 1
         log.info(
             "%s clip %s: %s", header.listener, header.seq,
-            f"{track.artist} — {track.title} at {m.offset_s:.1f} s, speed {100 * (m.speed - 1):+.2f} %"
+            f"{track.artist or '?'} — {track.title} at {m.offset_s:.1f} s, speed {100 * (m.speed - 1):+.2f} %"
             if track else "no match",
         )
         if track is not None and track.cover_id is not None:
