@@ -154,6 +154,23 @@ def cmd_config_check(args) -> int:
     return 0 if ok else 2
 
 
+def cmd_hass_remove(args) -> int:
+    import asyncio
+
+    import aiomqtt
+
+    from .roles.nowplaying import remove_listener_once
+
+    cfg = load(args.config) if args.config else Config()
+    try:
+        cleared = asyncio.run(remove_listener_once(cfg, args.listener))
+    except aiomqtt.MqttError as e:
+        print(f"cannot reach the MQTT broker {cfg.mqtt.host}:{cfg.mqtt.port}: {e}", file=sys.stderr)
+        return 1
+    print(f"removed turntable {args.listener!r} from Home Assistant ({len(cleared)} retained topics cleared)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -208,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     chk = cfg.add_parser("check", help="validate a config file without running anything")
     chk.add_argument("file")
     chk.set_defaults(func=cmd_config_check)
+
+    hs = sub.add_parser("hass", help="Home Assistant").add_subparsers(dest="hass_command", required=True)
+    hr = hs.add_parser("remove", help="remove a decommissioned turntable's device and entities from Home Assistant "
+                                      "(stop its listener first)")
+    hr.add_argument("listener")
+    hr.add_argument("--config", metavar="FILE")
+    hr.set_defaults(func=cmd_hass_remove)
 
     demo = sub.add_parser("demo", help="the whole chain on this machine: a simulated record through ALSA, "
                                        "the listener and matcher roles over MQTT")

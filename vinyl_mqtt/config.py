@@ -873,7 +873,7 @@ def _role_line(role: str, d: dict, cfg: Config) -> str:
     if role == "dedupe":
         return f"matches + listener state from {base}/+/ -> play events on {base}/<listener>/play"
     if role == "nowplaying":
-        return f"Home Assistant discovery under {d['mqtt']['discovery_prefix']}/, state on {base}/<listener>/now_playing"
+        return f"Home Assistant discovery under {d['mqtt']['discovery_prefix']}/, entity states on {base}/<listener>/ha/..."
     if role == "scrobbler":
         return f"plays from {base}/+/play -> Last.fm (no settings in this file)"
     if role == "waker":

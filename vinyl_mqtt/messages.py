@@ -192,6 +192,7 @@ class ListenerState(_Message):
     """The turntable as the listener hears it; retained."""
 
     listener: str
+    node: str | None = None  # the machine it runs on: its availability is <base>/<node>/listener/status
     state: Literal["playing", "idle"]
     rms_dbfs: float
     peak_dbfs: float

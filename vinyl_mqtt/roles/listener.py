@@ -93,6 +93,7 @@ class ListenerRole:
         since = block.captured_at + (gate.since_index - block.index) / block.rate
         state = ListenerState(
             listener=self.listener,
+            node=self.cfg.node,
             state="playing" if gate.playing else "idle",
             rms_dbfs=round(gate.level_dbfs, 1),
             peak_dbfs=round(gate.peak_dbfs, 1),
