@@ -187,6 +187,20 @@ class MatcherConfig(_Section):
     share_group: str = "vinyl_mqtt_matchers"  # matchers in one group split the clips
 
 
+class DedupeConfig(_Section):
+    agree_matches: int = Field(2, ge=1, le=10)  # agreeing matches that confirm a track
+    confident: float | None = Field(0.95, gt=0.5, le=1)  # one match this confident confirms (null: never)
+    confident_score: int = Field(30, ge=14)  # ... and at least this many consistent hashes
+    predict: bool = True  # one match of the album's next track confirms it
+    timeline_tol_s: float = Field(2.0, gt=0, le=30)  # matches agree when their implied start is this close
+    speed_tol: float = Field(0.03, gt=0, le=0.2)  # ... and their speeds this close (fraction)
+    duration_grace_s: float = Field(10.0, ge=0, le=120)  # a play ends this long after its expected end
+    played_through: float = Field(0.9, gt=0, le=1)  # fraction of the duration that counts as played through
+    unknown_after: int = Field(2, ge=1, le=20)  # unmatched answers in a row: music not in the library
+    unknown_end_after: int = Field(3, ge=0, le=20)  # ... that end a play (0: never)
+    predict_window_s: float = Field(1200.0, ge=0)  # the next track is expected within this long of the end
+
+
 class Config(_Section):
     node: str = Field(default_factory=_hostname, pattern=r"^[A-Za-z0-9_-]+$")
     roles: list[Role] = Field(default_factory=list)
@@ -194,6 +208,7 @@ class Config(_Section):
     library: LibraryConfig = Field(default_factory=LibraryConfig)
     listener: ListenerConfig = Field(default_factory=ListenerConfig)
     matcher: MatcherConfig = Field(default_factory=MatcherConfig)
+    dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
 
     # set by load(): the file it came from and which keys came from secrets.yaml
     _source: Path | None = PrivateAttr(default=None)
@@ -871,7 +886,13 @@ def _role_line(role: str, d: dict, cfg: Config) -> str:
             f"and ≤ {m['max_clip_bytes']} bytes; library {d['library']['db']}, re-read check every {_num(m['reload_check_s'])} s"
         )
     if role == "dedupe":
-        return f"matches + listener state from {base}/+/ -> play events on {base}/<listener>/play"
+        dd = d["dedupe"]
+        rule = f"{dd['agree_matches']} agreeing matches"
+        if dd["confident"] is not None:
+            rule += f" or 1 with confidence ≥ {_num(dd['confident'])}"
+        if dd["predict"]:
+            rule += " or 1 of the album's next track"
+        return f"matches + listener state from {base}/+/ -> plays on {base}/<listener>/play; a track is confirmed by {rule}"
     if role == "nowplaying":
         return f"Home Assistant discovery under {d['mqtt']['discovery_prefix']}/, entity states on {base}/<listener>/ha/..."
     if role == "scrobbler":

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 ROLE_CLASSES = {
     "listener": "vinyl_mqtt.roles.listener:ListenerRole",
     "matcher": "vinyl_mqtt.roles.matcher:MatcherRole",
+    "dedupe": "vinyl_mqtt.roles.dedupe:DedupeRole",
     "nowplaying": "vinyl_mqtt.roles.nowplaying:NowPlayingRole",
 }
 
