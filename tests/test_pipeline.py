@@ -184,17 +184,20 @@ async def test_late_matcher_gets_spooled_clips_and_stale_ones_are_dropped(broker
     lcfg = config(broker, library, tmp_path, "pi-node", device=device, rate=SIM_RATE, channels=1,
                   period_frames=2048)
     lcfg.listener.clip.recheck_s = 8.0
-    stale = Spool(lcfg.listener.spool)
-    stale.put("stale", time.time() - lcfg.listener.spool.max_age_s - 5, clip_frame(excerpts[SONG], 99))
+    # a clip from an earlier run with 1 s of useful life left: stale by the time a matcher is back
+    stale_at = time.time() - lcfg.listener.spool.max_age_s + 1.0
+    assert Spool(lcfg.listener.spool).put("stale", stale_at, clip_frame(excerpts[SONG], 99))
     listener_task, listener = start(ListenerRole, lcfg)
     async with Probe(broker, TOPICS.match(PI)) as probe:
         await until(lambda: listener.spooled >= 2, timeout=30, what="two spooled clips")
+        await until(lambda: time.time() > stale_at + lcfg.listener.spool.max_age_s + 0.2, timeout=5, what="staleness")
         assert listener.sent == 0
         matcher_task, _ = start(MatcherRole, config(broker, library, tmp_path, "late"))
         await until(lambda: len(matches(probe)) >= listener.spooled, timeout=30, what="spooled clips answered")
         got = matches(probe)
     await stop(listener_task, matcher_task)
     assert 99 not in {r.seq for r in got}  # the stale clip was dropped, not matched late
+    assert listener.spool.dropped_age == 1
     assert [r.seq for r in got] == sorted(r.seq for r in got)  # oldest first
     assert all(r.matched and r.track.title == LIBRARY[SONG][0] for r in got)
     assert len(listener.spool) == 0
