@@ -58,6 +58,12 @@ class Topics:
     def now_playing(self, listener: str) -> str:
         return f"{self.base}/{listener}/now_playing"
 
+    def scrobble(self, listener: str) -> str:
+        return f"{self.base}/{listener}/scrobble"
+
+    def wake(self, listener: str) -> str:
+        return f"{self.base}/{listener}/wake"
+
     def cover(self, cover_id: int) -> str:
         """A library cover image (raw bytes, retained), published by a matcher."""
         return f"{self.base}/library/cover/{cover_id}"
@@ -238,3 +244,35 @@ class NowPlaying(_Message):
     play: Play | None = None
     since: float
     updated_at: float = Field(default_factory=time.time)
+
+
+ScrobbleStatus = Literal["now_playing", "queued", "sent", "ignored", "failed", "too_old", "auth_failed"]
+
+
+class ScrobbleEvent(_Message):
+    """What the scrobbler did with a play (for the "last scrobble" entity); QoS 1."""
+
+    listener: str
+    play_id: str
+    status: ScrobbleStatus
+    artist: str | None = None
+    title: str
+    album: str | None = None
+    timestamp: float | None = None  # the scrobble's timestamp: when the play started
+    reason: str | None = None  # why ignored / failed / not sent
+    queued: int = 0  # plays waiting in the queue after this event
+    at: float = Field(default_factory=time.time)
+
+
+WakeStatus = Literal["sent", "woke", "failed"]
+
+
+class WakeEvent(_Message):
+    """A Wake-on-LAN attempt for a sleeping matcher node; QoS 1."""
+
+    listener: str  # the turntable whose music needed a matcher
+    status: WakeStatus  # sent: packets out; woke: a matcher came online; failed: none within the timeout
+    mac: str
+    attempt: int = 1
+    waited_s: float | None = None
+    at: float = Field(default_factory=time.time)
