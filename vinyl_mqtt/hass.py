@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import __version__
+from .images import sniff_image_mime
 from .messages import ListenerState, Play
 
 MAX_STATE = 255  # Home Assistant refuses longer states (MAX_LENGTH_STATE_STATE)
@@ -411,16 +412,10 @@ def image_type(data: bytes, declared: str | None = None) -> str:
     """The content type of image bytes: the declared one if it is an image type, else sniffed."""
     if declared and declared.lower().startswith("image/"):
         return declared.lower()
-    head = data[:64]
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    stripped = head.lstrip()
+    sniffed = sniff_image_mime(data)
+    if sniffed:
+        return sniffed
+    stripped = data[:64].lstrip()
     if stripped.startswith(b"<svg") or stripped.startswith(b"<?xml"):
         return PLACEHOLDER_TYPE
     return DEFAULT_IMAGE_TYPE

@@ -25,6 +25,8 @@ from typing import Any
 import mutagen
 from mutagen.flac import Picture
 
+from .images import sniff_image_mime
+
 log = logging.getLogger(__name__)
 
 __all__ = ["TrackInfo", "read_tags", "parse_filename", "find_folder_cover"]
@@ -110,23 +112,9 @@ _MIME_ALIASES = {"image/jpg": "image/jpeg", "image/pjpeg": "image/jpeg", "jpg": 
                  "jpeg": "image/jpeg", "png": "image/png", "image/x-png": "image/png"}
 
 
-def _sniff_mime(data: bytes) -> str | None:
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    if data[:2] == b"BM":
-        return "image/bmp"
-    return None
-
-
 def _mime(data: bytes, declared: str | None = None) -> str | None:
     """The image's real type when recognisable, else the declared one."""
-    sniffed = _sniff_mime(data)
+    sniffed = sniff_image_mime(data)
     if sniffed:
         return sniffed
     d = (declared or "").strip().lower()
