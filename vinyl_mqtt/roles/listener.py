@@ -26,6 +26,9 @@ from ..spool import Spool
 log = logging.getLogger(__name__)
 
 STATE_EVERY_S = 5.0  # level updates between state changes
+# A matcher says "online" just before it subscribes to clips: a clip sent in
+# between would reach nobody, so spooled clips wait this long after it appears.
+MATCHER_SETTLE_S = 1.0
 
 
 class ListenerRole:
@@ -85,7 +88,7 @@ class ListenerRole:
             self.matchers.discard(node)
         if self.matchers and not was_online:
             log.info("matcher %s online; %d spooled clip(s) to send", node, len(self.spool))
-            self._drain_soon()
+            self._drain_soon(delay=MATCHER_SETTLE_S)
         elif was_online and not self.matchers:
             log.warning("no matcher online: clips go to the spool (%s)", self.spool.dir)
 
@@ -118,7 +121,8 @@ class ListenerRole:
         )
         self.seq += 1
         frame = encode_clip(header, pcm)
-        if self.matcher_online and not len(self.spool) and await self._publish(frame, header.captured_at):
+        draining = self._draining is not None and not self._draining.done()
+        if self.matcher_online and not len(self.spool) and not draining and await self._publish(frame, header.captured_at):
             self.sent += 1
             log.info("clip %d (%s, %.1f s) sent", header.seq, clip.reason, header.duration_s)
             return
@@ -137,12 +141,13 @@ class ListenerRole:
         return await self.conn.publish(self.topics.clip(self.listener), frame, qos=1, expiry_s=life,
                                        content_type=CLIP_CONTENT_TYPE)
 
-    def _drain_soon(self) -> None:
+    def _drain_soon(self, delay: float = 0.0) -> None:
         if self._draining is None or self._draining.done():
-            self._draining = asyncio.create_task(self._drain())
+            self._draining = asyncio.create_task(self._drain(delay))
 
-    async def _drain(self) -> None:
+    async def _drain(self, delay: float = 0.0) -> None:
         """Send spooled clips oldest first; stop at the first failure (they stay spooled)."""
+        await asyncio.sleep(delay)
         sent = 0
         for item in self.spool.drain():
             if not self.matcher_online or not await self._publish(item.frame, item.captured_at):
