@@ -171,6 +171,12 @@ def cmd_hass_remove(args) -> int:
     return 0
 
 
+def cmd_lastfm_login(args) -> int:
+    from .lastfm_login import cmd_lastfm_login as login
+
+    return login(args)
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -232,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     hr.add_argument("listener")
     hr.add_argument("--config", metavar="FILE")
     hr.set_defaults(func=cmd_hass_remove)
+
+    lf = sub.add_parser("lastfm", help="Last.fm").add_subparsers(dest="lastfm_command", required=True)
+    li = lf.add_parser("login", help="authorise vinyl-mqtt on Last.fm (stores only a session key)")
+    li.add_argument("--config", metavar="FILE", help="YAML config (its scrobbler: section)")
+    li.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the grant")
+    li.set_defaults(func=cmd_lastfm_login)
 
     demo = sub.add_parser("demo", help="the whole chain on this machine: a simulated record through ALSA, "
                                        "the listener and matcher roles over MQTT")

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, Valid
 from pydantic_core import PydanticCustomError
 
 from .errors import VinylError
+from .wol import WakerConfig
 
 ROLES = ("listener", "matcher", "dedupe", "nowplaying", "scrobbler", "waker")
 Role = Literal["listener", "matcher", "dedupe", "nowplaying", "scrobbler", "waker"]
@@ -201,6 +202,26 @@ class DedupeConfig(_Section):
     predict_window_s: float = Field(1200.0, ge=0)  # the next track is expected within this long of the end
 
 
+LASTFM_API_ROOT = "https://ws.audioscrobbler.com/2.0/"
+SCROBBLE_MAX_AGE_S = 14 * 86400  # Last.fm ignores older scrobbles (ignored code 3)
+
+
+class ScrobblerConfig(_Section):
+    api_key: str = ""  # https://www.last.fm/api/account/create
+    api_secret: SecretStr = SecretStr("")
+    session_key_file: Path = Field(default_factory=lambda: default_db().parent / "lastfm.session")  # `lastfm login` writes it
+    api_root: str = LASTFM_API_ROOT  # Libre.fm: https://libre.fm/2.0/ (or a GNU FM server's /2.0/)
+    auth_url: str | None = None  # where the user grants access; default: www.last.fm or the api_root's host
+    queue_db: Path = Field(default_factory=lambda: default_db().parent / "scrobbles.sqlite")
+    dry_run: bool = False  # log what would be sent; send nothing
+    now_playing: bool = True  # track.updateNowPlaying when a play starts
+    batch: int = Field(50, ge=1, le=50)  # scrobbles per request (Last.fm takes at most 50)
+    retry_first_s: float = Field(30.0, gt=0, le=3600)  # first wait after a temporary error
+    retry_max_s: float = Field(1800.0, gt=0, le=86400)  # the wait doubles up to this
+    auth_recheck_s: float = Field(60.0, gt=0, le=86400)  # after an auth failure: look for a new session key
+    max_age_s: float = Field(float(SCROBBLE_MAX_AGE_S), gt=0, le=SCROBBLE_MAX_AGE_S)  # older: too_old, not sent
+
+
 class Config(_Section):
     node: str = Field(default_factory=_hostname, pattern=r"^[A-Za-z0-9_-]+$")
     roles: list[Role] = Field(default_factory=list)
@@ -209,6 +230,8 @@ class Config(_Section):
     listener: ListenerConfig = Field(default_factory=ListenerConfig)
     matcher: MatcherConfig = Field(default_factory=MatcherConfig)
     dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
+    scrobbler: ScrobblerConfig = Field(default_factory=ScrobblerConfig)
+    waker: WakerConfig | None = None  # required by the waker role: the matcher node to wake
 
     # set by load(): the file it came from and which keys came from secrets.yaml
     _source: Path | None = PrivateAttr(default=None)
@@ -822,6 +845,10 @@ def _cross_checks(cfg: Config) -> list[tuple[tuple, str]]:
                 out.append((("mqtt", "tls", key), f"no such file {p}"))
         if m.tls.keyfile is not None and m.tls.certfile is None:
             out.append((("mqtt", "tls", "keyfile"), "is set but mqtt.tls.certfile is not (the key belongs to a client certificate)"))
+    if "waker" in cfg.roles and cfg.waker is None:
+        out.append((("waker",), "the waker role needs this section with at least mac: (the matcher node's network card)"))
+    if "scrobbler" in cfg.roles and not cfg.scrobbler.dry_run and not cfg.scrobbler.api_key:
+        out.append((("scrobbler", "api_key"), "the scrobbler role needs a Last.fm API key (or dry_run: true)"))
     if "listener" in cfg.roles and "matcher" in cfg.roles and cfg.listener.clip.seconds > cfg.matcher.max_clip_seconds:
         out.append(
             (
@@ -896,9 +923,15 @@ def _role_line(role: str, d: dict, cfg: Config) -> str:
     if role == "nowplaying":
         return f"Home Assistant discovery under {d['mqtt']['discovery_prefix']}/, entity states on {base}/<listener>/ha/..."
     if role == "scrobbler":
-        return f"plays from {base}/+/play -> Last.fm (no settings in this file)"
+        sc = d["scrobbler"]
+        mode = "dry run, nothing sent" if sc["dry_run"] else f"session key {sc['session_key_file']}"
+        return f"plays from {base}/+/play -> {sc['api_root']} ({mode}); queue {sc['queue_db']}"
     if role == "waker":
-        return f"listener state + matcher availability under {base}/ -> Wake-on-LAN (no settings in this file)"
+        w = d.get("waker") or {}
+        if not w:
+            return "no waker: section (needed: mac)"
+        return (f"Wake-on-LAN {w['mac']} via {w['broadcast']}:{w['port']} x{w['repeat']}, "
+                f"gives up after {_num(w['wake_timeout_s'])} s")
     return ""  # pragma: no cover
 
 

@@ -26,6 +26,8 @@ ROLE_CLASSES = {
     "matcher": "vinyl_mqtt.roles.matcher:MatcherRole",
     "dedupe": "vinyl_mqtt.roles.dedupe:DedupeRole",
     "nowplaying": "vinyl_mqtt.roles.nowplaying:NowPlayingRole",
+    "scrobbler": "vinyl_mqtt.roles.scrobbler:ScrobblerRole",
+    "waker": "vinyl_mqtt.roles.waker:WakerRole",
 }
 
 
