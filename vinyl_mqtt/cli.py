@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--music", metavar="DIR", help="recordings to use instead of the bundled ones")
     demo.add_argument("--mqtt-host", help="use this broker (default: localhost:1883 if up, else start Mosquitto)")
     demo.add_argument("--mqtt-port", type=int, default=1883)
-    demo.add_argument("--pace", type=float, default=2.0, help="play the record this many times real time")
+    demo.add_argument("--pace", type=float, default=1.0,
+                      help="play the record this many times real time (plays are timed by the wall clock: above 1 they look short)")
     demo.set_defaults(func=cmd_demo)
     return p
 

@@ -29,9 +29,9 @@ import numpy as np
 from .alsa_file import alsa_file_device
 from .audio import decode
 from .capture import PACE_ENV
-from .config import Config, LibraryConfig, ListenerConfig, MqttConfig, SpoolConfig
+from .config import Config, LibraryConfig, ListenerConfig, MqttConfig, ScrobblerConfig, SpoolConfig
 from .library import ingest, scan
-from .messages import ClipHeader, ListenerState, MatchResult, MessageError, Topics
+from .messages import ClipHeader, ListenerState, MatchResult, MessageError, PlayEvent, ScrobbleEvent, Topics
 from .run import run
 from .store import Store
 from .turntable import CONDITIONS, simulate
@@ -39,7 +39,7 @@ from .turntable import CONDITIONS, simulate
 BUNDLED = Path(__file__).resolve().parent.parent / "tests" / "data"
 RATE = 44100
 SIDE = ("good_deck", "worn_plus2", "33_at_45")  # one condition per library track played
-TRACK_S, GAP_S, LEAD_S = 14.0, 2.5, 2.0
+GAP_S, LEAD_S = 2.5, 2.0
 TURNTABLE = "demo_turntable"
 
 
@@ -71,11 +71,13 @@ def run_demo(music: Path | None, mqtt_host: str | None, mqtt_port: int, pace: fl
             out(f"  {i}. {label}  [{cond}]")
         cfg = Config(
             node="demo",
-            roles=["listener", "matcher"],
+            roles=["listener", "matcher", "dedupe", "nowplaying", "scrobbler"],
             mqtt=MqttConfig(host=host, port=port),
             library=LibraryConfig(db=db),
             listener=ListenerConfig(name=TURNTABLE, device=device, rate=RATE, channels=2,
                                     spool=SpoolConfig(dir=tmp / "spool")),
+            scrobbler=ScrobblerConfig(dry_run=True, queue_db=tmp / "scrobbles.sqlite",
+                                      session_key_file=tmp / "lastfm.session"),
         )
         duration = len(side) / RATE / pace + 8.0
         logging.getLogger("vinyl_mqtt").setLevel(logging.ERROR)  # the demo prints what matters
@@ -128,9 +130,7 @@ def _record_side(library, strangers, titles):
     picks = [(p, c) for p, c in zip(library, SIDE)] + [(p, "good_deck") for p in strangers[:1]]
     for path, cond in picks:
         c = CONDITIONS[cond]
-        x = decode(path, RATE)
-        seg = x[int(2 * RATE): int((2 + TRACK_S * c.speed + 0.5) * RATE)]
-        y = simulate(seg, RATE, c, rng)[: int(TRACK_S * RATE)]
+        y = simulate(decode(path, RATE), RATE, c, rng)  # the whole track, as a record plays it
         parts += [y, np.zeros(int(GAP_S * RATE), np.float32)]
         t = titles.get(str(path.resolve()))
         label = f"{t.artist or '?'} — {t.title}" if t else f"{path.name} (not in the library)"
@@ -187,6 +187,15 @@ class _Narrator:
                 return f"clip {h.seq} sent ({h.reason.replace('_', ' ')}, {h.duration_s:.1f} s, {len(payload) // 1024} KiB)"
             if topic == topics.match(TURNTABLE):
                 return self._match(MatchResult.parse(payload))
+            if topic == topics.play(TURNTABLE):
+                e = PlayEvent.parse(payload)
+                t = e.play.track
+                extra = f", played {e.play.played_s:.0f} s ({e.play.end_reason})" if e.event == "ended" else ""
+                return f"play {e.event}: {t.artist or '?'} — {t.title}{extra}" if e.event != "updated" else None
+            if topic == topics.scrobble(TURNTABLE):
+                e = ScrobbleEvent.parse(payload)
+                why = f" ({e.reason})" if e.reason else ""
+                return f"Last.fm (dry run): {e.status.replace('_', ' ')} {e.artist or '?'} — {e.title}{why}"
         except (MessageError, UnicodeDecodeError) as e:
             return f"{topic}: unreadable ({e})"
         return None
