@@ -13,7 +13,7 @@ import time
 import numpy as np
 import yaml
 
-from aio import aio, until
+from aio import aio, start, stop, until
 from alsa import alsa_file_device
 from broker import Probe
 from conftest import LIBRARY, SIM_RATE
@@ -21,7 +21,6 @@ from vinyl_mqtt.config import Config, LibraryConfig, ListenerConfig, MatcherConf
 from vinyl_mqtt.messages import (
     ClipHeader, ListenerState, MatchResult, Topics, decode_clip, encode_clip,
 )
-from vinyl_mqtt.mqtt import Connection
 from vinyl_mqtt.roles.listener import ListenerRole
 from vinyl_mqtt.roles.matcher import MatcherRole
 from vinyl_mqtt.spool import Spool
@@ -48,18 +47,6 @@ def config(broker, library, tmp_path, node: str, **listener) -> Config:
         listener=ListenerConfig(name=PI, spool=SpoolConfig(dir=tmp_path / f"spool-{node}"), **listener),
         matcher=MatcherConfig(reload_check_s=1.0),
     )
-
-
-def start(role_cls, cfg: Config) -> tuple[asyncio.Task, object]:
-    conn = Connection(cfg.mqtt, node=cfg.node, role=role_cls.name, topics=TOPICS)
-    role = role_cls(cfg, conn)
-    return asyncio.create_task(role.run()), role
-
-
-async def stop(*tasks: asyncio.Task) -> None:
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def matches(probe) -> list[MatchResult]:

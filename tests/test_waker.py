@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from aio import aio, until
+from aio import aio, start, stop, until
 from alsa import alsa_file_device
 from broker import Probe
 from conftest import LIBRARY, SIM_RATE
@@ -88,18 +88,6 @@ def waker_config(broker, sink: UdpSink, node: str = "lan", **waker) -> WakerTest
     values = dict(mac=MAC, broadcast="127.0.0.1", port=sink.port, repeat=3, interval_s=0.02, wake_timeout_s=10.0)
     values.update(waker)
     return WakerTestConfig(node=node, mqtt=broker.config(), waker=WakerConfig(**values))
-
-
-def start(role_cls, cfg) -> tuple[asyncio.Task, object]:
-    conn = Connection(cfg.mqtt, node=cfg.node, role=role_cls.name, topics=TOPICS)
-    role = role_cls(cfg, conn)
-    return asyncio.create_task(role.run()), role
-
-
-async def stop(*tasks: asyncio.Task) -> None:
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def state(listener: str, what: str, node: str | None = None, since: float | None = None) -> bytes:
