@@ -334,8 +334,8 @@ async def test_sleeping_matcher_is_woken_and_the_spooled_clips_are_matched(broke
         woke = await wait_wake(probe, "woke", timeout=15)
         assert woke.waited_s > 0 and woke.mac == MAC
         results = lambda: [MatchResult.parse(m.payload) for m in probe.on(TOPICS.match(PI))]  # noqa: E731
-        # (a clip the listener drains in the moment between the matcher's "online" and its SUBSCRIBE
-        # is delivered to nobody: Connection must subscribe before it announces itself online)
+        # (a clip drained in the moment between the matcher's "online" and its SUBSCRIBE would reach
+        # nobody: the listener waits MATCHER_SETTLE_S after a matcher appears before draining)
         await until(lambda: spooled <= {r.seq for r in results()}, timeout=10, what="an answer for every spooled clip")
         got = [r for r in results() if r.seq in spooled]
         rest = await sink.settle(0.3)  # the other repeats of that one wake; never a second wake
