@@ -96,3 +96,27 @@ def excerpts() -> dict[str, np.ndarray]:
 
 # a real Mosquitto on a free loopback port, for every test module (tests/broker.py)
 from broker import broker  # noqa: E402,F401
+
+
+# --------------------------------------------------------------------------- the pipeline's parts
+
+TURNTABLE = "pi"  # the listener name the in-process pipeline tests use
+
+
+def needle_drop(excerpts, name: str, lead_s: float = 2.0, tail_s: float = 6.0) -> np.ndarray:
+    """A record as the line-in hears it: silence, the track, then the needle lifted."""
+    z = lambda s: np.zeros(int(s * SIM_RATE), np.float32)  # noqa: E731
+    return np.concatenate([z(lead_s), excerpts[name], z(tail_s)])
+
+
+def node_config(mqtt_broker, library, tmp_path, node: str, **listener):
+    """One node's config against the test broker and library (listener settings as given)."""
+    from vinyl_mqtt.config import Config, LibraryConfig, ListenerConfig, MatcherConfig, SpoolConfig
+
+    return Config(
+        node=node,
+        mqtt=mqtt_broker.config(),
+        library=LibraryConfig(db=library.db),
+        listener=ListenerConfig(name=TURNTABLE, spool=SpoolConfig(dir=tmp_path / f"spool-{node}"), **listener),
+        matcher=MatcherConfig(reload_check_s=1.0),
+    )

@@ -16,8 +16,7 @@ import yaml
 from aio import aio, start, stop, until
 from alsa import alsa_file_device
 from broker import Probe
-from conftest import LIBRARY, SIM_RATE
-from vinyl_mqtt.config import Config, LibraryConfig, ListenerConfig, MatcherConfig, SpoolConfig
+from conftest import LIBRARY, SIM_RATE, TURNTABLE, needle_drop, node_config
 from vinyl_mqtt.messages import (
     ClipHeader, ListenerState, MatchResult, Topics, decode_clip, encode_clip,
 )
@@ -27,26 +26,11 @@ from vinyl_mqtt.spool import Spool
 
 BASE = "vinyl_mqtt"
 TOPICS = Topics(BASE)
-PI = "pi"
+PI = TURNTABLE
 SONG = "st_chipdisko"  # a library excerpt with full tags
 PACE = "6"  # the file plugin does not pace: play at 6x real time
 
 
-def record(excerpts, name: str = SONG, lead_s: float = 2.0, tail_s: float = 6.0) -> np.ndarray:
-    """Needle drop: silence, the track, then the needle lifted."""
-    x = excerpts[name]
-    z = lambda s: np.zeros(int(s * SIM_RATE), np.float32)  # noqa: E731
-    return np.concatenate([z(lead_s), x, z(tail_s)])
-
-
-def config(broker, library, tmp_path, node: str, **listener) -> Config:
-    return Config(
-        node=node,
-        mqtt=broker.config(),
-        library=LibraryConfig(db=library.db),
-        listener=ListenerConfig(name=PI, spool=SpoolConfig(dir=tmp_path / f"spool-{node}"), **listener),
-        matcher=MatcherConfig(reload_check_s=1.0),
-    )
 
 
 def matches(probe) -> list[MatchResult]:
@@ -68,7 +52,7 @@ def clip_frame(x: np.ndarray, seq: int, start_s: float = 3.0, seconds: float = 6
 
 def test_record_through_alsa_is_matched(broker, library, excerpts, tmp_path):
     """`vinyl-mqtt run` as a user starts it: listener and matcher processes, one config file."""
-    device, env = alsa_file_device(tmp_path, record(excerpts), SIM_RATE, 1, "S16_LE")
+    device, env = alsa_file_device(tmp_path, needle_drop(excerpts, SONG), SIM_RATE, 1, "S16_LE")
     cfg = {
         "node": "box",
         "mqtt": {"host": broker.host, "port": broker.port, "base_topic": BASE},
@@ -112,7 +96,7 @@ def test_record_through_alsa_is_matched(broker, library, excerpts, tmp_path):
 
 @aio(60)
 async def test_two_matchers_share_a_burst(broker, library, excerpts, tmp_path):
-    tasks, roles = zip(*(start(MatcherRole, config(broker, library, tmp_path, f"m{i}")) for i in (1, 2)))
+    tasks, roles = zip(*(start(MatcherRole, node_config(broker, library, tmp_path, f"m{i}")) for i in (1, 2)))
     async with Probe(broker, TOPICS.match(PI), TOPICS.role_status_any("matcher")) as probe:
         await probe.wait_for(lambda m: m.topic.value == TOPICS.status("m2", "matcher") and m.payload == b"online")
         await probe.wait_for(lambda m: m.topic.value == TOPICS.status("m1", "matcher") and m.payload == b"online")
@@ -134,7 +118,7 @@ async def test_two_matchers_share_a_burst(broker, library, excerpts, tmp_path):
 @aio(60)
 async def test_bad_clips_are_logged_and_the_matcher_keeps_serving(broker, library, excerpts, tmp_path, caplog):
     caplog.set_level(logging.WARNING)
-    task, role = start(MatcherRole, config(broker, library, tmp_path, "m1"))
+    task, role = start(MatcherRole, node_config(broker, library, tmp_path, "m1"))
     x = excerpts[SONG]
     async with Probe(broker, TOPICS.match(PI), TOPICS.status("m1", "matcher")) as probe:
         await probe.wait_for(lambda m: m.payload == b"online")
@@ -163,9 +147,9 @@ async def test_late_matcher_gets_spooled_clips_and_stale_ones_are_dropped(broker
                                                                           monkeypatch):
     """No matcher online: clips wait in the spool; a stale one is dropped, the rest are matched."""
     monkeypatch.setenv("VINYL_MQTT_CAPTURE_PACE", PACE)
-    device, env = alsa_file_device(tmp_path, record(excerpts, tail_s=2.0), SIM_RATE, 1)
+    device, env = alsa_file_device(tmp_path, needle_drop(excerpts, SONG, tail_s=2.0), SIM_RATE, 1)
     monkeypatch.setenv("ALSA_CONFIG_PATH", env["ALSA_CONFIG_PATH"])
-    lcfg = config(broker, library, tmp_path, "pi-node", device=device, rate=SIM_RATE, channels=1,
+    lcfg = node_config(broker, library, tmp_path, "pi-node", device=device, rate=SIM_RATE, channels=1,
                   period_frames=2048)
     lcfg.listener.clip.recheck_s = 8.0
     # a clip from an earlier run with 1 s of useful life left: stale by the time a matcher is back
@@ -176,7 +160,7 @@ async def test_late_matcher_gets_spooled_clips_and_stale_ones_are_dropped(broker
         await until(lambda: listener.spooled >= 2, timeout=30, what="two spooled clips")
         await until(lambda: time.time() > stale_at + lcfg.listener.spool.max_age_s + 0.2, timeout=5, what="staleness")
         assert listener.sent == 0
-        matcher_task, _ = start(MatcherRole, config(broker, library, tmp_path, "late"))
+        matcher_task, _ = start(MatcherRole, node_config(broker, library, tmp_path, "late"))
         await until(lambda: len(matches(probe)) >= listener.spooled, timeout=30, what="spooled clips answered")
         got = matches(probe)
     await stop(listener_task, matcher_task)
@@ -193,9 +177,9 @@ async def test_late_matcher_gets_spooled_clips_and_stale_ones_are_dropped(broker
 @aio(90)
 async def test_broker_restart_mid_play_loses_no_state(broker, library, excerpts, tmp_path, monkeypatch):
     monkeypatch.setenv("VINYL_MQTT_CAPTURE_PACE", "1.5")
-    device, env = alsa_file_device(tmp_path, record(excerpts, tail_s=1.0), SIM_RATE, 1)
+    device, env = alsa_file_device(tmp_path, needle_drop(excerpts, SONG, tail_s=1.0), SIM_RATE, 1)
     monkeypatch.setenv("ALSA_CONFIG_PATH", env["ALSA_CONFIG_PATH"])
-    cfg = config(broker, library, tmp_path, "box", device=device, rate=SIM_RATE, channels=1, period_frames=2048)
+    cfg = node_config(broker, library, tmp_path, "box", device=device, rate=SIM_RATE, channels=1, period_frames=2048)
     cfg.listener.clip.recheck_s = 5.0
     tasks = [start(MatcherRole, cfg)[0], start(ListenerRole, cfg)[0]]
     async with Probe(broker, TOPICS.match(PI)) as probe:
@@ -220,7 +204,7 @@ async def test_library_added_while_running_is_picked_up(broker, library, excerpt
 
     db = tmp_path / "lib.sqlite"
     Store(db).close()
-    cfg = config(broker, library, tmp_path, "m1")
+    cfg = node_config(broker, library, tmp_path, "m1")
     cfg.library.db = db
     task, role = start(MatcherRole, cfg)
     async with Probe(broker, TOPICS.match(PI), TOPICS.status("m1", "matcher")) as probe:

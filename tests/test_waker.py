@@ -8,16 +8,15 @@ import json
 import socket
 import time
 
-import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from aio import aio, start, stop, until
 from alsa import alsa_file_device
 from broker import Probe
-from conftest import LIBRARY, SIM_RATE
+from conftest import LIBRARY, SIM_RATE, needle_drop, node_config
 from vinyl_mqtt import wol
-from vinyl_mqtt.config import Config, ConfigError, LibraryConfig, ListenerConfig, MatcherConfig, SpoolConfig
+from vinyl_mqtt.config import Config, ConfigError
 from vinyl_mqtt.messages import ListenerState, MatchResult, Topics, WakeEvent
 from vinyl_mqtt.mqtt import Connection
 from vinyl_mqtt.roles.listener import ListenerRole
@@ -286,26 +285,13 @@ async def test_gone_listener_and_unsendable_packet(broker, sink):
 # --------------------------------------------------------------------------- the whole story
 
 
-def record(excerpts, lead_s: float = 2.0, tail_s: float = 2.0) -> np.ndarray:
-    z = lambda s: np.zeros(int(s * SIM_RATE), np.float32)  # noqa: E731
-    return np.concatenate([z(lead_s), excerpts[SONG], z(tail_s)])
-
-
-def node_config(broker, library, tmp_path, node: str, **listener) -> Config:
-    return Config(
-        node=node,
-        mqtt=broker.config(),
-        library=LibraryConfig(db=library.db),
-        listener=ListenerConfig(name=PI, spool=SpoolConfig(dir=tmp_path / f"spool-{node}"), **listener),
-        matcher=MatcherConfig(reload_check_s=1.0),
-    )
 
 
 @aio(40)
 async def test_sleeping_matcher_is_woken_and_the_spooled_clips_are_matched(broker, library, excerpts, tmp_path,
                                                                          monkeypatch, sink):
     monkeypatch.setenv("VINYL_MQTT_CAPTURE_PACE", PACE)
-    device, env = alsa_file_device(tmp_path, record(excerpts), SIM_RATE, 1)
+    device, env = alsa_file_device(tmp_path, needle_drop(excerpts, SONG, tail_s=2.0), SIM_RATE, 1)
     monkeypatch.setenv("ALSA_CONFIG_PATH", env["ALSA_CONFIG_PATH"])
     big = node_config(broker, library, tmp_path, "big")
     status = TOPICS.status("big", "matcher")
