@@ -47,7 +47,8 @@ CONDITIONS = ("good_deck", "worn_plus2")
 CLIP_S = 10
 TARGET_MS = 100.0
 SYNTHETIC_ID = 1_000_000  # distractor track ids start here
-CHUNK = 1 << 24
+SLICE_BITS = 8  # the hash space is generated in 2^SLICE_BITS slices, one at a time
+SLICES = 1 << SLICE_BITS
 MIN_CLIPS = 5  # per group, however slow
 TIMEOUT_SLACK_S = 900  # on top of --budget-min, for building the index
 MIN_GAP = 4096  # position units: generous in any unit, and 32 bits still hold 50k tracks
@@ -78,8 +79,8 @@ class Library:
         own = [getattr(matcher.Index, a, 0) for a in ("GAP", "GAP_FRAMES")]
         return int(max(*own, MIN_GAP))
 
-    def distinct_counts(self, n_syn_entries: int, model: str, rng: np.random.Generator):
-        """(sorted distinct hashes, real counts, distractor counts) for the distractors.
+    def distractor_counts(self, n_syn_entries: int, model: str, rng: np.random.Generator):
+        """(distractor entries on each of the corpus's distinct hashes, entries on fresh hashes).
 
         "corpus": every distractor hash is one of the corpus's, drawn by its
         corpus frequency. That makes a hash seen once in 71 tracks appear
@@ -91,48 +92,47 @@ class Library:
         """
         r = self.counts
         if model == "corpus":
-            return self.uniq, r, rng.multinomial(n_syn_entries, r / r.sum())
+            return rng.multinomial(n_syn_entries, r / r.sum()), 0
         nr = np.bincount(r, minlength=r.max() + 2).astype(np.float64)
         # Adjust only small counts, where n_r is large enough to be smooth.
         small = r < 5
         w = r.astype(np.float64)
         w[small] = (r[small] + 1) * nr[r[small] + 1] / nr[r[small]]
-        n_new = rng.binomial(n_syn_entries, nr[1] / len(self.hashes))
-        seen = rng.multinomial(n_syn_entries - n_new, w / w.sum())
-        new = np.sort(rng.integers(0, 1 << 32, size=n_new, dtype=np.uint32))
-        new = new[np.concatenate([[True], new[1:] != new[:-1]])[: len(new)]]  # np.unique without
-        # numpy 2.4's hash-set path, which is ~10x slower on arrays this large
-        at = np.searchsorted(new, self.uniq)  # seen hashes go in among the new ones
-        fresh = np.bincount(rng.integers(0, len(new), n_new - len(new)), minlength=len(new)) + 1
-        uniq = np.insert(new, at, self.uniq)
-        where = at + np.arange(len(self.uniq))
-        real = np.zeros(len(uniq), dtype=np.int64)
-        real[where] = r
-        syn = np.insert(fresh, at, seen)
-        return uniq, real, syn
+        n_fresh = int(rng.binomial(n_syn_entries, nr[1] / len(self.hashes)))
+        return rng.multinomial(n_syn_entries - n_fresh, w / w.sum()), n_fresh
 
     def index(self, tracks: int, model: str, rng: np.random.Generator, log) -> matcher.Index:
-        """The real tracks plus `tracks - len(real)` distractors, via Index.from_sorted."""
+        """The real tracks plus `tracks - len(real)` distractors, via Index.from_sorted.
+
+        Entries are made sorted, one slice of the hash space at a time (real
+        entries, distractor copies of corpus hashes, fresh random hashes), so
+        nothing but the entries themselves grows with the library.
+        """
         n_real = len(self.durations)
         n_syn = max(tracks - n_real, 0)
         gap, frames = self.gap(), self.mean_len
-        uniq, real, syn = self.distinct_counts(int(round(n_syn * self.mean_entries)), model, rng)
-        total = real + syn
-        hashes = np.repeat(uniq, total)  # sorted by construction
-        del uniq, syn
-        pos = np.empty(len(hashes), dtype=np.uint32)
-        # Every slot gets a uniform distractor position first ...
-        for a in range(0, len(pos), CHUNK):
-            u = rng.integers(0, max(n_syn * frames, 1), size=min(CHUNK, len(pos) - a))
-            pos[a : a + len(u)] = self.end + (u // frames) * (frames + gap) + u % frames
-        # ... then the real entries take the first slots of their hash's run.
-        run_first = (np.cumsum(total) - total)[real > 0]
-        del total, real
-        group = np.repeat(np.arange(len(self.uniq)), self.counts)
-        real_first = np.cumsum(self.counts) - self.counts
-        pos[run_first[group] + np.arange(len(group)) - real_first[group]] = self.pos
-        del group, run_first
-        log(f"  {len(hashes):,} entries generated ({len(hashes) * 8 / 1e9:.2f} GB)")
+        syn, n_fresh = self.distractor_counts(int(round(n_syn * self.mean_entries)), model, rng)
+        n = len(self.hashes) + int(syn.sum()) + n_fresh
+        hashes, pos = np.empty(n, dtype=np.uint32), np.empty(n, dtype=np.uint32)
+        edges = np.arange(SLICES + 1, dtype=np.uint64) << np.uint64(32 - SLICE_BITS)
+        fresh = rng.multinomial(n_fresh, np.full(SLICES, 1.0 / SLICES))
+        u_cut = np.searchsorted(self.uniq, edges[1:-1].astype(np.uint32))
+        u_cut = np.concatenate([[0], u_cut, [len(self.uniq)]])
+        r_cut = np.searchsorted(self.hashes, edges[1:-1].astype(np.uint32))
+        r_cut = np.concatenate([[0], r_cut, [len(self.hashes)]])
+        out = 0
+        for k in range(SLICES):
+            a, b = u_cut[k], u_cut[k + 1]
+            copies = np.repeat(self.uniq[a:b], syn[a:b])
+            new = rng.integers(edges[k], edges[k + 1], size=fresh[k], dtype=np.uint64)
+            h = np.concatenate([self.hashes[r_cut[k] : r_cut[k + 1]], copies, new.astype(np.uint32)])
+            u = rng.integers(0, max(n_syn * frames, 1), size=len(copies) + len(new))
+            p = np.concatenate([self.pos[r_cut[k] : r_cut[k + 1]],
+                                self.end + (u // frames) * (frames + gap) + u % frames])
+            order = np.argsort(h, kind="stable")  # the real entry first among equals
+            hashes[out : out + len(h)], pos[out : out + len(h)] = h[order], p[order]
+            out += len(h)
+        log(f"  {n:,} entries generated ({n * 8 / 1e9:.2f} GB before the index keeps its share)")
         starts = np.concatenate([self.starts, self.end + np.arange(n_syn) * (frames + gap)])
         ids = np.concatenate([np.arange(n_real), SYNTHETIC_ID + np.arange(n_syn)])
         durations = np.concatenate([self.durations, np.full(n_syn, self.durations.mean())])
@@ -308,9 +308,8 @@ def report(args, lib: Library, results: list[dict], wall_s: float) -> str:
             f"From the {len(ok)} sizes that ran (largest {biggest:,} tracks) to "
             f"{n_target / 1e6:.0f} M entries; target < {TARGET_MS:g} ms median.\n\n"
             + C.table(["figure", "linear in entries", "power law (sizes ≥ 1,000)", ""], rows)
-            + f"\n\nMemory: the entries alone take {n_target * 8 / 1e9:.1f} GB at "
-            f"{args.tracks:,} tracks; at {biggest:,} tracks the whole index took "
-            f"{top['index_bytes'] / top['entries']:.0f} bytes an entry "
+            + f"\n\nMemory: at {biggest:,} tracks the whole index took "
+            f"{top['index_bytes'] / top['entries']:.1f} bytes an entry "
             f"({top['index_bytes'] / 1e9:.2f} GB) and its build peaked at "
             f"{top['peak_rss_gb']:.1f} GB resident.\n")
     elif ok:

@@ -308,3 +308,62 @@ def test_two_second_clips(library, excerpts):
                 found += 1
     print(f"\n2 s clean clips: {found}/{len(lines)} identified\n  " + "\n  ".join(lines))
     assert found >= 0.75 * len(lines), "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the index
+
+
+def _zipf_hashes(n: int, seed: int) -> np.ndarray:
+    """Sorted hashes as music makes them: a few very common, most rare; some share top bits."""
+    rng = np.random.default_rng(seed)
+    vocab = rng.integers(0, 1 << 32, size=max(n // 3, 1), dtype=np.uint32)
+    vocab[: len(vocab) // 10] &= np.uint32(0xFFFF0000)  # crowd a few buckets
+    return np.sort(vocab[np.minimum(rng.zipf(1.3, size=n) - 1, len(vocab) - 1)])
+
+
+@pytest.mark.parametrize("bits,chunk", [(16, 1 << 24), (16, 64), (20, 1 << 10)])
+def test_bucket_table_is_where_each_bucket_starts(bits, chunk):
+    from vinyl_mqtt.matcher import _bucket_table
+
+    hashes = _zipf_hashes(200_000, bits)
+    start, sizes = _bucket_table(hashes, bits, chunk)
+    firsts = np.arange(1 << bits, dtype=np.uint64) << np.uint64(32 - bits)
+    expected = np.searchsorted(hashes.astype(np.uint64), firsts)
+    assert np.array_equal(start[:-1], expected) and start[-1] == len(hashes)
+    counts = np.diff(start.astype(np.int64))
+    assert np.array_equal(sizes[1:], np.bincount(counts)[1:])
+
+
+@pytest.mark.parametrize("n", [1_000, 300_000])
+def test_index_finds_every_entry_with_the_key_and_nothing_else(n):
+    """Entries keep only the hash bits their bucket does not say: a lookup must
+    still return exactly the entries whose full hash equals the key."""
+    hashes = _zipf_hashes(n, n)
+    pos = np.random.default_rng(1).permutation(n).astype(np.uint32)
+    index = Index.from_sorted([1], [n / 125.0], [0], hashes, pos)
+    rng = np.random.default_rng(2)
+    keys = np.concatenate([rng.choice(hashes, 300), hashes[:5] ^ np.uint32(1),
+                           rng.integers(0, 1 << 32, 300, dtype=np.uint32)])
+    key_idx, entry = index._lookup(keys)
+    for k in range(len(keys)):
+        want = set(np.flatnonzero(hashes == keys[k]).tolist())
+        if len(want) > index.max_bucket:
+            continue  # a stop word: its bucket is skipped on purpose
+        assert set(entry[key_idx == k].tolist()) == want, (k, keys[k])
+
+
+def test_every_entry_is_placed_in_its_own_track():
+    """Tracks of very different lengths (a jingle among long sides): each entry's
+    track and frame are where the track layout put it."""
+    rng = np.random.default_rng(3)
+    lengths = rng.choice([40, 400, 4_000, 40_000], size=300)
+    starts = np.concatenate([[0], np.cumsum(lengths[:-1] + Index.GAP)])
+    track = rng.integers(0, len(lengths), 50_000)
+    frame = (rng.random(50_000) * lengths[track]).astype(np.int64)
+    pos = (starts[track] + frame).astype(np.uint32)
+    hashes = rng.integers(0, 1 << 32, 50_000, dtype=np.uint32)
+    order = np.argsort(hashes)
+    index = Index.from_sorted(np.arange(len(lengths)), lengths / 125.0, starts, hashes[order], pos[order])
+    got_track, got_frame = index._locate(np.arange(50_000))
+    assert np.array_equal(got_track, track[order])
+    assert np.allclose(got_frame, frame[order] / fp.TIME_UNITS)

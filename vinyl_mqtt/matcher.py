@@ -36,6 +36,10 @@ JITTER_DP = 0.3  # log bins
 JITTER_T = 0.4  # frames
 
 MIN_BUCKET_CAP, BUCKET_CAP_FACTOR = 64, 16.0  # lookups into buckets fuller than this x typical are skipped
+STOP_WORD_SHARE = 0.01  # ... unless the library is so large that 1 % of its tracks is more
+# Entries one search pass may scan. A small library never gets near it; in a
+# huge one the rarest cells are looked up first, so identify time stays bounded.
+LOOKUP_BUDGET = 400_000
 
 VOTE_BIN = 8  # frames of offset per vote bin (drift within a hypothesis step fits)
 INLIER_FRAMES = 1.5  # residual from the fitted line that still counts
@@ -79,7 +83,8 @@ class Match:
 
 
 class Index:
-    """Hash table over the fingerprints of many tracks, 8 bytes an entry.
+    """Hash table over the fingerprints of many tracks, 5 bytes an entry and a
+    bucket table of 2 bytes an entry.
 
     All tracks sit on one global time axis (each starts where the previous
     one ended, plus a gap), so an entry is just (hash, global time) and the
@@ -115,21 +120,24 @@ class Index:
         self.track_ids = np.asarray(track_ids, dtype=np.int64)
         self.durations = np.asarray(durations, dtype=np.float64)
         self.track_starts = np.asarray(track_starts, dtype=np.int64)
-        self.entry_hash = np.ascontiguousarray(hashes, dtype=np.uint32)
         self.entry_pos = np.ascontiguousarray(positions, dtype=np.uint32)
-        # About one bucket per entry; offsets in 32 bits while they fit (a 64-bit
-        # table four times the entries' size was most of a large index's memory).
-        self.table_bits = int(np.clip(np.ceil(np.log2(max(len(hashes), 1))), 16, 31))
+        self._build_cells(int(positions.max()) + 1 if len(positions) else 1)
+        # About one bucket per two entries, addressed by a hash's top bits; an
+        # entry then keeps only the bits its bucket does not already say (one
+        # byte from 16 M entries up), so a 50,000-track library fits in RAM.
+        self.table_bits = int(np.clip(np.floor(np.log2(max(len(hashes), 1))), 16, 31))
         self.shift = np.uint32(32 - self.table_bits)
-        counts = np.bincount(self.entry_hash >> self.shift, minlength=1 << self.table_bits)
-        dtype = np.uint32 if len(hashes) < (1 << 32) else np.int64
-        self.bucket_start = np.zeros((1 << self.table_bits) + 1, dtype=dtype)
-        np.cumsum(counts, out=self.bucket_start[1:])
+        self.low_mask = np.uint32((1 << int(self.shift)) - 1)
+        low = np.uint8 if self.shift <= 8 else np.uint16 if self.shift <= 16 else np.uint32
+        self.entry_low = np.empty(len(hashes), dtype=low)
+        for a in range(0, len(hashes), _CHUNK):
+            self.entry_low[a : a + _CHUNK] = hashes[a : a + _CHUNK] & self.low_mask
+        self.bucket_start, sizes = _bucket_table(hashes, self.table_bits)
         # A bucket far fuller than average holds hashes that half the library
         # shares: they cost the most to vote on and tell the least (stop words).
-        used = counts[counts > 0]
-        typical = float(np.median(used)) if len(used) else 1.0
-        self.max_bucket = max(MIN_BUCKET_CAP, int(BUCKET_CAP_FACTOR * typical))
+        typical = _median_from_histogram(sizes)
+        self.max_bucket = max(MIN_BUCKET_CAP, int(BUCKET_CAP_FACTOR * typical),
+                              int(STOP_WORD_SHARE * len(self.track_ids)))
 
     def __len__(self) -> int:
         return len(self.track_ids)
@@ -140,7 +148,7 @@ class Index:
 
     @property
     def nbytes(self) -> int:
-        return self.entry_hash.nbytes + self.entry_pos.nbytes + self.bucket_start.nbytes
+        return self.entry_low.nbytes + self.entry_pos.nbytes + self.bucket_start.nbytes
 
     def _lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(key index, entry index) for every stored entry with exactly that hash."""
@@ -149,17 +157,40 @@ class Index:
         count = self.bucket_start[bucket + 1].astype(np.int64) - start
         count[count > self.max_bucket] = 0
         total = int(count.sum())
+        if total > LOOKUP_BUDGET:
+            order = np.argsort(count, kind="stable")
+            count[order[np.cumsum(count[order]) > LOOKUP_BUDGET]] = 0
+            total = int(count.sum())
         key_idx = np.repeat(np.arange(len(keys)), count)
         first = np.cumsum(count) - count
         entry = np.arange(total) - np.repeat(first - start, count)
-        same = self.entry_hash[entry] == keys[key_idx]
+        same = self.entry_low[entry] == (keys[key_idx] & self.low_mask)
         return key_idx[same], entry[same]
 
     def _locate(self, entry: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(track index, frame in that track) of entries."""
+        """(track index, frame in that track) of entries.
+
+        A coarse table gives the last track starting before each cell of the
+        time axis, and a step or two forward finds the right one: bisecting
+        50,000 track starts per hit took a third of a big library's search.
+        """
         pos = self.entry_pos[entry].astype(np.int64)
-        track = np.searchsorted(self.track_starts, pos, side="right") - 1
+        track = self._cell_track[pos >> self._cell_bits]
+        while len(track):
+            step = self.track_starts[np.minimum(track + 1, len(self.track_starts) - 1)] <= pos
+            step &= track + 1 < len(self.track_starts)
+            if not step.any():
+                break
+            track += step
         return track, (pos - self.track_starts[track]) / fp.TIME_UNITS
+
+    def _build_cells(self, end: int) -> None:
+        """The coarse table _locate starts from: cells about half a track long."""
+        lengths = np.diff(np.append(self.track_starts, end))
+        typical = int(np.median(lengths)) if len(lengths) else 1
+        self._cell_bits = max(int(typical).bit_length() - 2, 0)
+        cells = np.arange((end >> self._cell_bits) + 1, dtype=np.int64) << self._cell_bits
+        self._cell_track = np.maximum(np.searchsorted(self.track_starts, cells, side="right") - 1, 0)
 
     def match(self, x: np.ndarray) -> Match:
         """Identify mono SAMPLE_RATE audio; 33/45 is tried only if nothing fits."""
@@ -287,6 +318,42 @@ class _Fit:
 _NO_FIT = _Fit(0, 1.0, 1.0, 0.0, 1.0, 1.0)
 
 
+_CHUNK = 1 << 24  # entries per step when building: temporaries stay small
+
+
+def _bucket_table(hashes: np.ndarray, bits: int, chunk: int = _CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """(first entry of each bucket, plus the end; histogram of non-empty bucket sizes).
+
+    Counted a slice of buckets at a time, so no temporary is the size of the
+    table: at 50,000 tracks one would be 8 GB.
+    """
+    shift, n_buckets = 32 - bits, 1 << bits
+    dtype = np.uint32 if len(hashes) < (1 << 32) else np.int64
+    start = np.empty(n_buckets + 1, dtype=dtype)
+    start[-1] = len(hashes)
+    step = min(n_buckets, chunk)
+    firsts = np.arange(0, n_buckets, step, dtype=np.uint64) << np.uint64(shift)
+    bounds = np.append(np.searchsorted(hashes, firsts.astype(np.uint32)), len(hashes))
+    sizes = np.zeros(1, dtype=np.int64)
+    for k, b0 in enumerate(range(0, n_buckets, step)):
+        e0, e1 = int(bounds[k]), int(bounds[k + 1])
+        counts = np.bincount((hashes[e0:e1] >> np.uint32(shift)) - np.uint32(b0), minlength=step)
+        start[b0 : b0 + step] = e0 + np.cumsum(counts) - counts
+        h = np.bincount(counts)
+        sizes = np.pad(sizes, (0, max(len(h) - len(sizes), 0)))
+        sizes[: len(h)] += h
+    sizes[0] = 0
+    return start, sizes
+
+
+def _median_from_histogram(hist: np.ndarray) -> float:
+    """Median of the values a histogram counts (1.0 if it counts none)."""
+    total = int(hist.sum())
+    if total == 0:
+        return 1.0
+    return float(np.searchsorted(np.cumsum(hist), (total + 1) // 2))
+
+
 def _query_cells(tr: fp.Triplets, speeds: Sequence[float]):
     """Every hash cell each triplet may occupy under each speed hypothesis.
 
@@ -336,24 +403,38 @@ def _cells(v: np.ndarray, tol, field: int):
 
 
 def _vote(track, h, offset, q, n_hyp, top=4):
-    """Best (track, hypothesis, offset) candidates by distinct pairs per bin."""
+    """Best (track, hypothesis, offset) candidates by distinct pairs per bin.
+
+    Counted by sorting one packed integer per hit: np.unique's hash-set path
+    (numpy >= 2.3) is many times slower, and a big library's hit list is long.
+    """
+    q_bits = max(int(q.max()).bit_length(), 1)
+    if int(track.max()) * n_hyp >= 1 << (63 - _BIN_BITS - q_bits):
+        raise ValueError("too many tracks to pack a vote key")
+    group = track.astype(np.int64) * n_hyp + h
     best = {}
     for shift in (0.0, 0.5):
-        b = np.floor(offset / VOTE_BIN + shift).astype(np.int64) + (1 << 30)
-        key = ((track * n_hyp + h) << 32) | b
-        kk, inv = np.unique(key, return_inverse=True)
+        b = np.floor(offset / VOTE_BIN + shift).astype(np.int64) + _BIN_BIAS
+        packed = np.sort((((group << _BIN_BITS) | b) << q_bits) | q)
         # Distinct query pairs per key: a pair hitting one bin twice votes once.
-        pairs_in_key = np.unique(inv.astype(np.int64) * (int(q.max()) + 1) + q)
-        counts = np.bincount(pairs_in_key // (int(q.max()) + 1), minlength=len(kk))
+        keys = packed[np.concatenate(([True], packed[1:] != packed[:-1]))] >> q_bits
+        first = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+        kk, counts = keys[first], np.diff(np.append(first, len(keys)))
         for i in np.argsort(-counts, kind="stable")[: top * 2]:
             k = int(kk[i])
-            tr, hy = divmod(k >> 32, n_hyp)
-            center = ((k & 0xFFFFFFFF) - (1 << 30) - shift + 0.5) * VOTE_BIN
+            tr, hy = divmod(k >> _BIN_BITS, n_hyp)
+            center = ((k & (1 << _BIN_BITS) - 1) - _BIN_BIAS - shift + 0.5) * VOTE_BIN
             cur = best.get((tr, hy))
             if cur is None or counts[i] > cur[0]:
                 best[(tr, hy)] = (int(counts[i]), center)
     ranked = sorted(best.items(), key=lambda kv: -kv[1][0])[:top]
     return [(tr, hy, center) for (tr, hy), (_, center) in ranked]
+
+
+# Vote bins in a packed key: offsets from -2^21 to 2^21 bins of VOTE_BIN frames
+# (about 150 hours either way) fit.
+_BIN_BITS = 22
+_BIN_BIAS = 1 << (_BIN_BITS - 1)
 
 
 def _confidence(score: int, runner_up: int, min_inliers: float) -> float:
