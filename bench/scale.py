@@ -10,11 +10,12 @@ distractors' frames. Real 10 s clips of library tracks (good_deck, worn_plus2)
 are then identified at each size, one at a time: time, accuracy, and false
 positives on clips of held-out tracks.
 
-Distractor hashes are i.i.d. draws from the real distribution; their sorted
-order is built directly by drawing how many entries fall on each distinct
-hash (one multinomial draw, equivalent to sorting np.random.choice(real
-hashes)) instead of sorting a billion entries. Since distractors are random,
-never a recording, their false positives are only chance coincidences: a real
+Distractor entries are made already sorted, one slice of the hash space at
+a time: the real entries of that slice, the distractors' copies of corpus
+hashes (how many of each: one multinomial draw, as --hash-model says) and
+fresh random hashes, sorted together. Memory is then the 8 bytes an entry
+until Index.from_sorted keeps its 5. Since distractors are random, never a
+recording, their false positives are only chance coincidences: a real
 library's near-duplicates are tested by accuracy.py, not here.
 
 Each size runs in a forked child whose address space may grow by at most
@@ -336,7 +337,7 @@ def main() -> None:
     p.add_argument("--tracks", type=int, default=50000, help="library size to reach")
     p.add_argument("--clips", type=int, default=50, help="clips per condition and kind")
     p.add_argument("--sizes", help="comma-separated sizes to run instead of the ladder")
-    p.add_argument("--memory-gb", type=float, default=14.0,
+    p.add_argument("--memory-gb", type=float, default=20.0,
                    help="most one size may allocate (the machine has 24 GB)")
     p.add_argument("--bisect", type=int, default=3,
                    help="steps searching for the largest size that fits when one does not")
