@@ -367,3 +367,22 @@ def test_every_entry_is_placed_in_its_own_track():
     got_track, got_frame = index._locate(np.arange(50_000))
     assert np.array_equal(got_track, track[order])
     assert np.allclose(got_frame, frame[order] / fp.TIME_UNITS)
+
+
+def test_index_built_from_a_stream_that_outgrows_its_announced_size(library, excerpts):
+    """A store that grows while it is read (ingest running) still loads whole:
+    the builder takes more entries than announced and matches as Index does."""
+    from vinyl_mqtt.matcher import IndexBuilder
+
+    rows = library.store.db.execute("SELECT id, duration_s, fingerprint FROM tracks ORDER BY id").fetchall()
+    prints = [fp.TrackPrints.from_bytes(b, d) for _, d, b in rows]
+    builder = IndexBuilder(len(prints[0].hashes))  # announces one track's worth
+    for (track_id, _, _), p in zip(rows, prints):
+        builder.add(track_id, p)
+    streamed, whole = builder.build(), Index([r[0] for r in rows], prints)
+    assert streamed.entries == whole.entries == sum(len(p.hashes) for p in prints)
+    name, start = "hw_beach", 3.3
+    clip = cut(excerpts[name], start, CLIP_S, "good_deck", 5)
+    a, b = identify(streamed, clip), identify(whole, clip)
+    assert a.track_id == b.track_id == library.ids[name]
+    assert (a.score, a.offset_s, a.speed) == (b.score, b.offset_s, b.speed)

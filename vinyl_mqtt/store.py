@@ -24,7 +24,7 @@ import aiosqlite
 
 from . import fingerprint as fp
 from .errors import VinylError
-from .matcher import Index
+from .matcher import Index, IndexBuilder
 from .tags import TrackInfo
 
 SCHEMA_VERSION = 1
@@ -64,6 +64,8 @@ _TRACK_COLUMNS = (
     "id, path, title, artist, album, album_artist, track_number, disc_number, year, "
     "duration_s, cover_id, content_hash, n_hashes"
 )
+_ENTRIES = "SELECT COALESCE(SUM(n_hashes), 0) FROM tracks"  # sizes IndexBuilder
+_PRINTS = "SELECT id, duration_s, fingerprint FROM tracks ORDER BY id"
 _ALL_TRACKS = (
     f"SELECT {_TRACK_COLUMNS} FROM tracks ORDER BY album_artist, artist, album, disc_number, track_number, title"
 )
@@ -196,8 +198,10 @@ class Store:
         return (row[0], bytes(row[1])) if row else None
 
     def load_index(self) -> Index:
-        rows = self.db.execute("SELECT id, duration_s, fingerprint FROM tracks ORDER BY id")
-        return _index_from_rows(rows)
+        builder = IndexBuilder(self.db.execute(_ENTRIES).fetchone()[0])
+        for track_id, duration, blob in self.db.execute(_PRINTS):
+            builder.add(track_id, fp.TrackPrints.from_bytes(blob, duration))
+        return builder.build()
 
     def stats(self) -> Stats:
         n, secs, hashes = self.db.execute(
@@ -301,9 +305,12 @@ class AsyncStore:
             return int((await cur.fetchone())[0])
 
     async def load_index(self) -> Index:
-        async with self.db.execute("SELECT id, duration_s, fingerprint FROM tracks ORDER BY id") as cur:
-            rows = await cur.fetchall()
-        return _index_from_rows(rows)
+        async with self.db.execute(_ENTRIES) as cur:
+            builder = IndexBuilder((await cur.fetchone())[0])
+        async with self.db.execute(_PRINTS) as cur:
+            async for track_id, duration, blob in cur:
+                builder.add(track_id, fp.TrackPrints.from_bytes(blob, duration))
+        return builder.build()
 
     async def tracks(self) -> list[Track]:
         async with self.db.execute(_ALL_TRACKS) as cur:
@@ -320,12 +327,6 @@ class AsyncStore:
         return (row[0], bytes(row[1])) if row else None
 
 
-def _index_from_rows(rows) -> Index:
-    ids, prints = [], []
-    for track_id, duration, blob in rows:
-        ids.append(track_id)
-        prints.append(fp.TrackPrints.from_bytes(blob, duration))
-    return Index(ids, prints)
 
 
 def _db_files(path: Path) -> list[Path]:
