@@ -108,13 +108,14 @@ class Index:
         return self
 
     def _build(self, track_ids, durations, track_starts, hashes, positions) -> None:
-        if len(positions) and int(positions.max()) >= 1 << 32:
+        end = int(positions.max()) + 1 if len(positions) else 1  # once: a pass over every entry
+        if end > 1 << 32:
             raise ValueError("library too large for 32-bit positions (about 9,500 hours)")
         self.track_ids = np.asarray(track_ids, dtype=np.int64)
         self.durations = np.asarray(durations, dtype=np.float64)
         self.track_starts = np.asarray(track_starts, dtype=np.int64)
         self.entry_pos = np.ascontiguousarray(positions, dtype=np.uint32)
-        self._build_cells(int(positions.max()) + 1 if len(positions) else 1)
+        self._build_cells(end)
         # About one bucket per two entries, addressed by a hash's top bits; an
         # entry then keeps only the bits its bucket does not already say (one
         # byte from 16 M entries up), so a 50,000-track library fits in RAM.
