@@ -84,7 +84,7 @@ class Match:
 
 class Index:
     """Hash table over the fingerprints of many tracks, 5 bytes an entry and a
-    bucket table of 2 bytes an entry.
+    bucket table of 2-4 bytes an entry (one 32-bit offset per 1-2 entries).
 
     All tracks sit on one global time axis (each starts where the previous
     one ended, plus a gap), so an entry is just (hash, global time) and the

@@ -327,7 +327,5 @@ class AsyncStore:
         return (row[0], bytes(row[1])) if row else None
 
 
-
-
 def _db_files(path: Path) -> list[Path]:
     return [p for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists()]
